@@ -30,7 +30,7 @@ setup(
     license="Apache-2.0",
     python_requires=">=3.10",
     packages=find_packages(include=["tuna_trl", "tuna_trl.*"]),
-    package_data={"tuna_trl": ["templates/*.txt", "data/*.jsonl", "data/*.json", "data/superni/*.json"]},
+    package_data={"tuna_trl": ["templates/*.txt", "templates/*.md", "data/*.jsonl", "data/*.json", "data/superni/*.json"]},
     install_requires=INSTALL_REQUIRES,
     extras_require=EXTRAS,
     entry_points={"console_scripts": ["tuna-trl=tuna_trl.cli:main"]},

@@ -7,8 +7,9 @@ __version__ = "0.1.0"
 
 # Lazy imports keep `import tuna_trl` (and the CLI) fast: torch and transformers load only when used.
 _LAZY = {
-    "ranking_loss": "tuna_trl.ranking_loss",
-    "pairwise_hinge": "tuna_trl.ranking_loss",
+    "ranking_loss": "tuna_trl.loss",
+    "ranking_normalizer": "tuna_trl.loss",
+    "pairwise_hinge": "tuna_trl.loss",
     "TunaConfig": "tuna_trl.config",
     "RankedCollator": "tuna_trl.collator",
     "TunaRankTrainer": "tuna_trl.trainer",

@@ -19,7 +19,7 @@ from importlib import resources
 from pathlib import Path
 
 from ..generation.rouge import rouge_l
-from .generate import ALPACA_PROMPT_WITH_INPUT
+from ..generation.inputs import ALPACA_PROMPT_WITH_INPUT
 
 
 logger = logging.getLogger(__name__)

@@ -50,9 +50,14 @@ def files(tmp_path):
 
 @pytest.fixture(scope="module")
 def tiny_model_dir(tmp_path_factory):
+    import torch
+
     from tuna_trl.tiny import save_tiny
 
-    return save_tiny(str(tmp_path_factory.mktemp("tiny")))
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # a model this small gains nothing from threads; on a busy machine they cost seconds
+    yield save_tiny(str(tmp_path_factory.mktemp("tiny")))
+    torch.set_num_threads(threads)
 
 
 def _backend(judge):

@@ -33,12 +33,12 @@ _LAZY = {
     "judge_pairwise": "pairwise",
     "pairwise_summary": "pairwise",
     "pairwise_markdown": "pairwise",
-    # length_bias.py
-    "length_by_rank": "length_bias",
-    "length_bias": "length_bias",
-    "length_bias_markdown": "length_bias",
-    "plot_length_bias": "length_bias",
-    "read_ranked_completions": "length_bias",
+    # lengths.py: length bias
+    "length_by_rank": "lengths",
+    "length_bias": "lengths",
+    "length_bias_markdown": "lengths",
+    "plot_length_bias": "lengths",
+    "read_ranked_completions": "lengths",
     # inputs.py and report.py
     "load_questions": "inputs",
     "load_answers": "inputs",

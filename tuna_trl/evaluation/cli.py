@@ -281,7 +281,7 @@ def _named_files(values: list[str]) -> dict[str, str]:
 
 
 def run_length_bias(args) -> int:
-    from .length_bias import length_bias, length_bias_markdown, plot_length_bias
+    from .lengths import length_bias, length_bias_markdown, plot_length_bias
     from .report import write_report
 
     tokenizer = None

@@ -25,9 +25,9 @@ def _length(text: str, tokenizer) -> dict:
 
 
 def _means(lengths: list[dict]) -> dict:
-    stats = {"count": len(lengths), "words_mean": mean(x["words"] for x in lengths) if lengths else None}
+    stats = {"count": len(lengths), "words_mean": float(mean(x["words"] for x in lengths)) if lengths else None}
     if lengths and "tokens" in lengths[0]:
-        stats["tokens_mean"] = mean(x["tokens"] for x in lengths)
+        stats["tokens_mean"] = float(mean(x["tokens"] for x in lengths))
     return stats
 
 

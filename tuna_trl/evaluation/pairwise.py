@@ -290,12 +290,16 @@ def pairwise_markdown(summary: dict) -> str:
     categories = markdown_table(
         ["category", "win", "lose", "tie"], [[c or "(none)", n["win"], n["lose"], n["tie"]] for c, n in summary["by_category"].items()]
     )
+    preferred_ab, preferred_ba = {"A": a, "B": b, "C": "tie"}, {"A": b, "B": a, "C": "tie"}
     verdicts = markdown_table(
-        ["question_id", "category", f"{a} first", f"{b} first", f"outcome for {a}"],
-        [[str(v["question_id"]), v["category"], v["verdict_ab"], v["verdict_ba"], v["outcome"]] for v in summary["verdicts"]],
+        ["question_id", "category", f"judge prefers ({a} shown first)", f"judge prefers ({b} shown first)", f"outcome for {a}"],
+        [
+            [str(v["question_id"]), v["category"], preferred_ab[v["verdict_ab"]], preferred_ba[v["verdict_ba"]], v["outcome"]]
+            for v in summary["verdicts"]
+        ],
     )
-    parts = [title, "", "A win counts only when the judge prefers the same model with either answer shown first; "
-             "verdicts are [[A]] / [[B]] for the answer shown first / second and [[C]] for a tie.", "", overall, "",
+    parts = [title, "", f"Each question is judged twice, with {a}'s answer shown first and then {b}'s; a win or loss "
+             "counts only when both orders prefer the same model, anything else is a tie.", "", overall, "",
              "### By category", "", categories, "", "### Per question", "", verdicts]
     if summary["failures"]:
         failures = markdown_table(

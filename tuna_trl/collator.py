@@ -71,97 +71,87 @@ class RankedCollator:
             num_completions.append(len(completions))
             for k, ids in enumerate(completions):
                 mle = self.mle_target == "all" or (k == 0 and (self.mle_target == "best" or reference is None))
-                seq_example.append(b), seq_rank.append(k), seq_mle.append(mle), seq_ids.append(ids)
+                seq_example.append(b), seq_rank.append(k), seq_mle.append(mle), seq_ids.append(list(ids))
             if self.mle_target == "reference" and reference is not None:
-                if reference == completions[0]:  # already in the batch: score it once
+                if list(reference) == list(completions[0]):  # already in the batch: score it once
                     seq_mle[len(seq_mle) - len(completions)] = True
                 else:
-                    seq_example.append(b), seq_rank.append(-1), seq_mle.append(True), seq_ids.append(reference)
+                    seq_example.append(b), seq_rank.append(-1), seq_mle.append(True), seq_ids.append(list(reference))
 
-        build = self._packed_rows if self.padding_free else self._padded_rows
-        rows, positions, targets, blocks = build(features, seq_example, seq_ids)
-        length = max(len(r) for r in rows)
+        prompts = [list(f["prompt_ids"]) for f in features]
+        for b, prompt in enumerate(prompts):
+            if not prompt:  # nothing would predict the first completion token
+                raise ValueError(f"Feature {b} has empty `prompt_ids`; a prompt needs at least one token (e.g. BOS).")
+        prompt_len = torch.tensor([len(p) for p in prompts], dtype=torch.long)
+        seq_len = torch.tensor([len(ids) for ids in seq_ids], dtype=torch.long)
+        seq_example_t = torch.tensor(seq_example, dtype=torch.long)
+
+        # Row contents. `segments` numbers the parts of a row: 0 the prompt, j > 0 the row's j-th sequence; the block
+        # mask is built from it. `seq_row` / `seq_start`: where each sequence's tokens start.
+        rows, positions, segments = [], [], []
+        if self.padding_free:
+            seq_row, seq_start = seq_example_t, torch.empty_like(seq_len)
+            for b, prompt in enumerate(prompts):
+                rows.append(list(prompt)), segments.append([0] * len(prompt))
+                positions.append(list(range(len(prompt))))
+            for s, (b, ids) in enumerate(zip(seq_example, seq_ids)):
+                seq_start[s] = len(rows[b])
+                rows[b] += ids
+                positions[b] += range(len(prompts[b]), len(prompts[b]) + len(ids))
+                segments[b] += [segments[b][-1] + 1] * len(ids)
+        else:
+            seq_row, seq_start = torch.arange(len(seq_ids)), prompt_len[seq_example_t]
+            for b, ids in zip(seq_example, seq_ids):
+                rows.append(prompts[b] + ids)
+                positions.append(list(range(len(rows[-1]))))
+
+        row_len = torch.tensor([len(r) for r in rows], dtype=torch.long)
+        length = int(row_len.max())
         if self.pad_to_multiple_of:
             length = -(-length // self.pad_to_multiple_of) * self.pad_to_multiple_of
+        shift = length - row_len if self.padding_side == "left" else torch.zeros_like(row_len)
+        cols = torch.arange(length)[None, :] - shift[:, None]  # column -> index within the row's own tokens
+        real = (cols >= 0) & (cols < row_len[:, None])
 
         input_ids = torch.full((len(rows), length), self.pad_token_id, dtype=torch.long)
         position_ids = torch.zeros((len(rows), length), dtype=torch.long)
-        offsets = []
-        for r, (ids, pos) in enumerate(zip(rows, positions)):
-            start = length - len(ids) if self.padding_side == "left" else 0
-            input_ids[r, start : start + len(ids)] = torch.tensor(ids)
-            position_ids[r, start : start + len(ids)] = torch.tensor(pos)
-            offsets.append(r * length + start)
-        # targets: (row, position within the row, token, sequence)
-        target_row, target_pos, target_ids, target_seq = (torch.tensor(x, dtype=torch.long) for x in zip(*targets))
+        input_ids[real] = torch.tensor([t for r in rows for t in r], dtype=torch.long)
+        position_ids[real] = torch.tensor([p for r in positions for p in r], dtype=torch.long)
+
+        # Targets, flat. Token t of sequence s is predicted by the token before it; for t = 0 that is the prompt's last
+        # token (in the packed layout the sequence does not follow the prompt directly).
+        target_seq = torch.repeat_interleave(torch.arange(len(seq_ids)), seq_len)
+        first = torch.cumsum(seq_len, 0) - seq_len
+        t = torch.arange(target_seq.shape[0]) - first[target_seq]
+        source = torch.where(t == 0, prompt_len[seq_example_t][target_seq] - 1, seq_start[target_seq] + t - 1)
+        row = seq_row[target_seq]
         batch = {
             "input_ids": input_ids,
             "position_ids": position_ids,
-            "target_index": torch.tensor(offsets)[target_row] + target_pos,
-            "target_ids": target_ids,
+            "target_index": row * length + shift[row] + source,
+            "target_ids": torch.tensor([tok for ids in seq_ids for tok in ids], dtype=torch.long),
             "target_seq": target_seq,
-            "seq_example": torch.tensor(seq_example, dtype=torch.long),
+            "seq_example": seq_example_t,
             "seq_rank": torch.tensor(seq_rank, dtype=torch.long),
             "seq_mle": torch.tensor(seq_mle, dtype=torch.bool),
             "num_completions": torch.tensor(num_completions, dtype=torch.long),
         }
         if self.padding_free:
-            batch["attention_mask"] = self._block_mask(rows, blocks, length)
+            segment = torch.full((len(rows), length), -1, dtype=torch.long)
+            segment[real] = torch.tensor([j for seg in segments for j in seg], dtype=torch.long)
+            batch["attention_mask"] = self._block_mask(segment)
         else:
-            lengths = torch.tensor([len(r) for r in rows])
-            cols = torch.arange(length)[None, :]
-            if self.padding_side == "left":
-                batch["attention_mask"] = (cols >= length - lengths[:, None]).long()
-            else:
-                batch["attention_mask"] = (cols < lengths[:, None]).long()
+            batch["attention_mask"] = real.long()
         return batch
 
-    @staticmethod
-    def _padded_rows(features, seq_example, seq_ids):
-        rows, positions, targets = [], [], []
-        for s, (b, ids) in enumerate(zip(seq_example, seq_ids)):
-            prompt = features[b]["prompt_ids"]
-            row = list(prompt) + list(ids)
-            rows.append(row)
-            positions.append(list(range(len(row))))
-            # the logits at position p predict token p + 1
-            targets += [(s, len(prompt) - 1 + t, tok, s) for t, tok in enumerate(ids)]
-        return rows, positions, targets, None
-
-    @staticmethod
-    def _packed_rows(features, seq_example, seq_ids):
-        rows, positions, targets, blocks = [], [], [], []
-        for b, feature in enumerate(features):
-            prompt = list(feature["prompt_ids"])
-            row, pos, spans = list(prompt), list(range(len(prompt))), []
-            for s in (s for s, e in enumerate(seq_example) if e == b):
-                ids = seq_ids[s]
-                start = len(row)
-                # token t of the completion is predicted by token t-1 of it, the first one by the prompt's last
-                sources = [len(prompt) - 1] + list(range(start, start + len(ids) - 1))
-                targets += [(b, src, tok, s) for src, tok in zip(sources, ids)]
-                row += ids
-                pos += range(len(prompt), len(prompt) + len(ids))
-                spans.append((start, len(row)))
-            rows.append(row), positions.append(pos), blocks.append((len(prompt), spans))
-        return rows, positions, targets, blocks
-
-    def _block_mask(self, rows, blocks, length):
-        """(R, 1, T, T): causal attention to the prompt, and within one's own completion only."""
-        mask = torch.zeros(len(rows), length, length, dtype=torch.bool)
-        causal = torch.ones(length, length, dtype=torch.bool).tril()
-        for r, (row, (prompt_len, spans)) in enumerate(zip(rows, blocks)):
-            shift = length - len(row) if self.padding_side == "left" else 0
-            p = slice(shift, shift + prompt_len)
-            mask[r, p, p] = causal[:prompt_len, :prompt_len]
-            for start, end in spans:
-                span = slice(shift + start, shift + end)
-                mask[r, span, p] = True
-                mask[r, span, span] = causal[: end - start, : end - start]
-            pads = torch.ones(length, dtype=torch.bool)
-            pads[shift : shift + len(row)] = False
-            mask[r, pads, pads] = True  # padding attends to itself only: no fully masked (NaN) rows
+    def _block_mask(self, segment: torch.Tensor) -> torch.Tensor:
+        """(R, 1, T, T) from the (R, T) segment ids (0 prompt, j > 0 a sequence, -1 padding): causal attention to the
+        prompt and within one's own segment. Padding attends to padding only, so no row is fully masked (NaN)."""
+        length = segment.shape[1]
+        query, key = segment[:, :, None], segment[:, None, :]
+        causal = torch.ones(length, length, dtype=torch.bool).tril_()
+        mask = ((key == query) | ((key == 0) & (query > 0))) & causal
         mask = mask[:, None]
         if self.mask_dtype == torch.bool:
             return mask
-        return torch.zeros(mask.shape, dtype=self.mask_dtype).masked_fill(~mask, torch.finfo(self.mask_dtype).min)
+        return torch.zeros(mask.shape, dtype=self.mask_dtype).masked_fill_(~mask, torch.finfo(self.mask_dtype).min)

@@ -1,57 +1,102 @@
 """Model + batch -> the log-probability of every target token, summed per sequence.
 
-`selective_log_softmax` computes log p(target) from logits in chunks of rows, in float32, and its backward
-recomputes the softmax per chunk: a (tokens x vocabulary) float32 log-softmax of the whole batch never exists.
+Two things keep this step close to the work the target tokens need:
+
+* the model projects onto the vocabulary only the hidden states that predict a target (`logits_to_keep`, a
+  (rows, length) bool mask, when the model takes one), not every prompt and padding position;
+* `selective_log_softmax` computes log p(target) from those logits in chunks of rows, in float32, and its backward
+  recomputes the softmax per chunk: a (tokens x vocabulary) float32 log-softmax of the whole batch never exists.
+
+The model is still called through its top-level `forward`, so DDP, DeepSpeed ZeRO-3 and PEFT hooks run as usual.
 """
 
 from __future__ import annotations
+
+import inspect
+import sys
 
 import torch
 
 
 class _SelectiveLogSoftmax(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, logits, targets, chunk_size):
+    def forward(ctx, logits, targets, rows, chunk_size):
         dtype = torch.promote_types(logits.dtype, torch.float32)  # float32, or float64 for float64 logits
-        out = torch.empty(logits.shape[0], dtype=dtype, device=logits.device)
-        lse = torch.empty_like(out)
+        lse = torch.empty(logits.shape[0], dtype=dtype, device=logits.device)
         for start in range(0, logits.shape[0], chunk_size):
-            chunk = logits[start : start + chunk_size].to(dtype)
-            lse[start : start + chunk_size] = chunk.logsumexp(-1)
-            out[start : start + chunk_size] = chunk.gather(-1, targets[start : start + chunk_size, None]).squeeze(-1)
-        out -= lse
-        ctx.save_for_backward(logits, targets, lse)
+            lse[start : start + chunk_size] = logits[start : start + chunk_size].to(dtype).logsumexp(-1)
+        out = logits[rows, targets].to(dtype) - lse[rows]
+        ctx.save_for_backward(logits, targets, rows, lse)
         ctx.chunk_size = chunk_size
         return out
 
     @staticmethod
     def backward(ctx, grad_out):
-        logits, targets, lse = ctx.saved_tensors
+        logits, targets, rows, lse = ctx.saved_tensors
+        # d log p(y_m) / d logits[r] = onehot(y_m) - softmax(logits[r]) for every target m read from row r
+        weight = torch.zeros_like(lse).index_add_(0, rows, grad_out.to(lse.dtype))
         grad = torch.empty_like(logits)
         for start in range(0, logits.shape[0], ctx.chunk_size):
             end = start + ctx.chunk_size
-            g = grad_out[start:end, None]
-            # d log p(y) / d logits = onehot(y) - softmax(logits)
-            chunk = (logits[start:end].to(lse.dtype) - lse[start:end, None]).exp_().mul_(-g)
-            chunk.scatter_add_(-1, targets[start:end, None], g)
-            grad[start:end] = chunk
-        return grad, None, None
+            if logits.dtype == lse.dtype:  # work in the gradient's own memory: no chunk-sized temporary
+                chunk = torch.sub(logits[start:end], lse[start:end, None], out=grad[start:end])
+                chunk.exp_().mul_(-weight[start:end, None])
+            else:
+                chunk = logits[start:end].to(lse.dtype) - lse[start:end, None]
+                grad[start:end] = chunk.exp_().mul_(-weight[start:end, None])
+        grad.index_put_((rows, targets), grad_out.to(grad.dtype), accumulate=True)
+        return grad, None, None, None
 
 
-def selective_log_softmax(logits: torch.Tensor, targets: torch.Tensor, chunk_size: int = 1024) -> torch.Tensor:
-    """log softmax(logits)[m, targets[m]] for each row m.
+def selective_log_softmax(
+    logits: torch.Tensor, targets: torch.Tensor, chunk_size: int = 1024, rows: torch.Tensor | None = None
+) -> torch.Tensor:
+    """log softmax(logits[rows[m]])[targets[m]] for each target m.
 
     Args:
-        logits: (M, V) any float dtype.
-        targets: (M,) long.
-        chunk_size: rows converted to float32 at once (forward and backward).
+        logits: (U, V) any float dtype.
+        targets: (M,) long, token ids.
+        chunk_size: logit rows converted to float32 at once (forward and backward).
+        rows: (M,) long, the logit row of each target (several targets may share one row); default `arange(U)`.
 
     Returns:
         (M,) float32 log-probabilities (float64 for float64 logits).
     """
-    if logits.shape[0] == 0:
-        return logits.new_zeros(0, dtype=torch.promote_types(logits.dtype, torch.float32))
-    return _SelectiveLogSoftmax.apply(logits, targets, max(int(chunk_size), 1))
+    if rows is None:
+        rows = torch.arange(targets.shape[0], device=targets.device)
+    if targets.shape[0] == 0:
+        out = logits.new_zeros(0, dtype=torch.promote_types(logits.dtype, torch.float32))
+        return out + logits.sum() * 0  # keep the graph connected
+    return _SelectiveLogSoftmax.apply(logits, targets, rows, max(int(chunk_size), 1))
+
+
+def _unwrap(model):
+    """The `transformers` model under DDP / DeepSpeed / torch.compile / PEFT wrappers."""
+    seen = set()
+    while id(model) not in seen:
+        seen.add(id(model))
+        if hasattr(model, "get_base_model"):  # PEFT
+            model = model.get_base_model()
+        elif hasattr(model, "_orig_mod"):  # torch.compile
+            model = model._orig_mod
+        elif hasattr(model, "module") and isinstance(model.module, torch.nn.Module):  # DDP, DeepSpeed engine
+            model = model.module
+    return model
+
+
+def takes_logits_mask(model) -> bool:
+    """Whether `model(..., logits_to_keep=<(rows, length) bool mask>)` returns logits for the True positions only.
+
+    True for `transformers` models whose modeling file slices with `slice_logits_to_keep`, which flattens a bool mask
+    to (num_true, hidden); older or custom models may take `logits_to_keep` with other meanings, so they are not used.
+    """
+    base = _unwrap(model)
+    try:
+        params = inspect.signature(type(base).forward).parameters
+    except (TypeError, ValueError):
+        return False
+    module = sys.modules.get(type(base).__module__)
+    return "logits_to_keep" in params and getattr(module, "slice_logits_to_keep", None) is not None
 
 
 def sequence_logps(model, batch: dict[str, torch.Tensor], chunk_size: int = 1024) -> tuple[torch.Tensor, torch.Tensor]:
@@ -61,15 +106,27 @@ def sequence_logps(model, batch: dict[str, torch.Tensor], chunk_size: int = 1024
         sums: (S,) float32, sum of log p(token) over each sequence's completion (or reference) tokens, EOS included.
         counts: (S,) long, the number of those tokens.
     """
+    input_ids, target_index = batch["input_ids"], batch["target_index"]
+    kwargs = {}
+    keep = None
+    if takes_logits_mask(model):
+        keep = torch.zeros(input_ids.numel(), dtype=torch.bool, device=input_ids.device)
+        keep[target_index] = True
+        kwargs["logits_to_keep"] = keep.view_as(input_ids)
     outputs = model(
-        input_ids=batch["input_ids"],
+        input_ids=input_ids,
         attention_mask=batch["attention_mask"],
         position_ids=batch["position_ids"],
         use_cache=False,
+        **kwargs,
     )
     logits = outputs.logits
-    selected = logits.flatten(0, 1).index_select(0, batch["target_index"])
-    token_logps = selective_log_softmax(selected, batch["target_ids"], chunk_size)
+    if keep is not None and logits.dim() == 2:
+        # the kept positions come out in flat order: target m reads row (number of kept positions before it)
+        rows = (keep.cumsum(0) - 1)[target_index]
+    else:
+        logits, rows = logits.flatten(0, -2), target_index
+    token_logps = selective_log_softmax(logits, batch["target_ids"], chunk_size, rows)
     num_seqs = batch["seq_example"].shape[0]
     sums = token_logps.new_zeros(num_seqs).index_add(0, batch["target_seq"], token_logps)
     counts = torch.bincount(batch["target_seq"], minlength=num_seqs)

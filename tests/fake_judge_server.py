@@ -22,7 +22,9 @@ import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 
-_ANSWER_RE = re.compile(r"\[The Start of Assistant ([AB])'s Answer\]\n(.*?)\n\[The End of Assistant \1's Answer\]", re.S)
+_ANSWER_RE = re.compile(
+    r"\[The Start of Assistant ([AB])'s Answer\]\n(.*?)\n\[The End of Assistant \1's Answer\]", re.S
+)
 
 
 def judgment(prompt: str) -> str:
@@ -79,7 +81,17 @@ class Judge(BaseHTTPRequestHandler):
         usage = {"prompt_tokens": len(prompt.split()), "completion_tokens": len(text.split())}
         usage["total_tokens"] = usage["prompt_tokens"] + usage["completion_tokens"]
         kind = "chat.completion" if chat else "text_completion"
-        self._reply(200, {"id": "judge", "object": kind, "created": 0, "model": request.get("model"), "choices": [choice], "usage": usage})
+        self._reply(
+            200,
+            {
+                "id": "judge",
+                "object": kind,
+                "created": 0,
+                "model": request.get("model"),
+                "choices": [choice],
+                "usage": usage,
+            },
+        )
 
 
 class FakeJudge:
@@ -113,7 +125,9 @@ class FakeJudge:
 
 def main() -> int:
     parser = argparse.ArgumentParser()
-    parser.add_argument("--idle-timeout", type=float, default=30.0, help="Exit after this many seconds without a request.")
+    parser.add_argument(
+        "--idle-timeout", type=float, default=30.0, help="Exit after this many seconds without a request."
+    )
     args = parser.parse_args()
     server = ThreadingHTTPServer(("127.0.0.1", 0), Judge)
     server.daemon_threads = True

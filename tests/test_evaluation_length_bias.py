@@ -10,7 +10,10 @@ from tuna_trl.evaluation import length_bias, length_by_rank
 ROWS = [
     {"prompt": "p1", "completions": ["one two three four", "one two", "one"]},  # longest ranked best
     {"prompt": "p2", "completions": ["a b", "a b c d e f"]},  # the longer one ranked worse
-    {"prompt": "p3", "completions": [[{"role": "assistant", "content": "x y z"}], [{"role": "assistant", "content": "x y z"}]]},
+    {
+        "prompt": "p3",
+        "completions": [[{"role": "assistant", "content": "x y z"}], [{"role": "assistant", "content": "x y z"}]],
+    },
 ]
 
 
@@ -19,7 +22,9 @@ def files(tmp_path):
     ranked = tmp_path / "ranked.jsonl"
     ranked.write_text("".join(json.dumps(row) + "\n" for row in ROWS))
     answers = tmp_path / "answers.jsonl"
-    answers.write_text(json.dumps({"question_id": 1, "answer": "a b c"}) + "\n" + json.dumps({"question_id": 2, "answer": "a"}) + "\n")
+    answers.write_text(
+        json.dumps({"question_id": 1, "answer": "a b c"}) + "\n" + json.dumps({"question_id": 2, "answer": "a"}) + "\n"
+    )
     return str(ranked), str(answers)
 
 
@@ -60,7 +65,22 @@ def test_cli_length_bias(files, tmp_path):
 
     ranked, answers = files
     out = tmp_path / "eval"
-    assert main(["eval", "length-bias", "--ranked", ranked, "--outputs", f"tuna={answers}", f"sft={answers}", "--output-dir", str(out)]) == 0
+    assert (
+        main(
+            [
+                "eval",
+                "length-bias",
+                "--ranked",
+                ranked,
+                "--outputs",
+                f"tuna={answers}",
+                f"sft={answers}",
+                "--output-dir",
+                str(out),
+            ]
+        )
+        == 0
+    )
     result = json.loads((out / "length_bias.json").read_text())
     assert result["ranked"]["rows"] == 3 and set(result["outputs"]) == {"tuna", "sft"}
     assert "| 0 | 3 | 3.00 |" in (out / "length_bias.md").read_text()

@@ -43,7 +43,8 @@ def files(tmp_path):
     answers_a = _write(tmp_path / "a.jsonl", [{"question_id": q, "answer": a} for q, (a, _, _) in CASES.items()])
     # model B's file in FastChat's format, ids as strings: both must be read
     answers_b = _write(
-        tmp_path / "b.jsonl", [{"question_id": str(q), "choices": [{"index": 0, "turns": [b]}]} for q, (_, b, _) in CASES.items()]
+        tmp_path / "b.jsonl",
+        [{"question_id": str(q), "choices": [{"index": 0, "turns": [b]}]} for q, (_, b, _) in CASES.items()],
     )
     return questions, answers_a, answers_b
 
@@ -61,7 +62,9 @@ def tiny_model_dir(tmp_path_factory):
 
 
 def _backend(judge):
-    return OpenAIBackend("fake-judge", base_url=judge.base_url, api="chat", max_concurrency=8, backoff_initial=0.01, backoff_max=0.05)
+    return OpenAIBackend(
+        "fake-judge", base_url=judge.base_url, api="chat", max_concurrency=8, backoff_initial=0.01, backoff_max=0.05
+    )
 
 
 def test_parse_and_combine_verdicts():
@@ -72,9 +75,9 @@ def test_parse_and_combine_verdicts():
         with pytest.raises(JudgeParseError) as err:
             parse_pairwise_verdict(text)
         assert err.value.raw == text
-    assert [combine_verdicts(x, y) for x, y in [("A", "B"), ("B", "A"), ("A", "A"), ("B", "B"), ("C", "C"), ("A", "C")]] == [
-        "win", "lose", "tie", "tie", "tie", "tie"
-    ]
+    assert [
+        combine_verdicts(x, y) for x, y in [("A", "B"), ("B", "A"), ("A", "A"), ("B", "B"), ("C", "C"), ("A", "C")]
+    ] == ["win", "lose", "tie", "tie", "tie", "tie"]
     prompt = build_pairwise_prompt("Q {x}?", "first {answer_b}", "second")
     assert "Q {x}?" in prompt and "first {answer_b}" in prompt  # braces inside texts are left alone
     assert prompt.index("first") < prompt.index("second")
@@ -84,10 +87,12 @@ def test_pairwise_against_judge_server(files, tmp_path):
     questions_path, answers_a, answers_b = files
     questions = load_questions(questions_path)
     output = str(tmp_path / "verdicts.jsonl")
+    answers = load_answers(answers_a), load_answers(answers_b)
     with FakeJudge() as judge:
         backend = _backend(judge)
-        summary = judge_pairwise(questions, load_answers(answers_a), load_answers(answers_b), backend, output,
-                                 names=("tuna", "sft"), concurrency=4, progress=False)
+        summary = judge_pairwise(
+            questions, *answers, backend, output, names=("tuna", "sft"), concurrency=4, progress=False
+        )
         outcomes = {v["question_id"]: v["outcome"] for v in summary["verdicts"]}
         assert outcomes == {q: expected for q, (_, _, expected) in CASES.items() if expected}
         assert (summary["win"], summary["lose"], summary["tie"], summary["failed"]) == (3, 1, 2, 1)
@@ -107,8 +112,7 @@ def test_pairwise_against_judge_server(files, tmp_path):
         assert requests == 2 * len(CASES) + 2  # two orders per question, plus a failed first try of each FAIL500 order
 
         # a rerun judges only what is missing: the failed question, in both orders
-        again = judge_pairwise(questions, load_answers(answers_a), load_answers(answers_b), backend, output,
-                               names=("tuna", "sft"), progress=False)
+        again = judge_pairwise(questions, *answers, backend, output, names=("tuna", "sft"), progress=False)
         assert judge.requests() == requests + 2
         assert again["run"]["skipped"] == 6 and again["failed"] == 1
         assert {k: again[k] for k in ("win", "lose", "tie")} == {k: summary[k] for k in ("win", "lose", "tie")}
@@ -121,7 +125,9 @@ def test_missing_answer_is_an_error(files):
     questions = load_questions(questions_path)
     partial = {k: v for k, v in load_answers(answers_a).items() if k != "3"}
     with pytest.raises(ValueError, match="sft.*question_id 3"):
-        judge_pairwise(questions, load_answers(answers_a), partial, backend=None, output="unused", names=("tuna", "sft"))
+        judge_pairwise(
+            questions, load_answers(answers_a), partial, backend=None, output="unused", names=("tuna", "sft")
+        )
 
 
 def test_cli_pairwise_with_a_local_model(files, tmp_path, tiny_model_dir):
@@ -130,9 +136,31 @@ def test_cli_pairwise_with_a_local_model(files, tmp_path, tiny_model_dir):
     questions_path, _, answers_b = files
     out = tmp_path / "eval"
     with FakeJudge() as judge:
-        argv = ["eval", "pairwise", "--questions", questions_path, "--model-a", tiny_model_dir, "--answers-b", answers_b,
-                "--name-a", "tiny", "--judge-model", "fake-judge", "--judge-base-url", judge.base_url, "--limit", "3",
-                "--max-new-tokens", "6", "--batch-size", "2", "--output-dir", str(out), "--no-progress"]
+        argv = [
+            "eval",
+            "pairwise",
+            "--questions",
+            questions_path,
+            "--model-a",
+            tiny_model_dir,
+            "--answers-b",
+            answers_b,
+            "--name-a",
+            "tiny",
+            "--judge-model",
+            "fake-judge",
+            "--judge-base-url",
+            judge.base_url,
+            "--limit",
+            "3",
+            "--max-new-tokens",
+            "6",
+            "--batch-size",
+            "2",
+            "--output-dir",
+            str(out),
+            "--no-progress",
+        ]
         assert main(argv) == 0
         generated = [json.loads(line) for line in open(out / "answers_a.jsonl")]
         assert [row["question_id"] for row in generated] == [1, 2, 3] and all("answer" in row for row in generated)
@@ -152,6 +180,22 @@ def test_cli_reports_bad_input(tmp_path, capsys):
 
     bad = tmp_path / "q.jsonl"
     bad.write_text('{"question_id": 1, "turns": ["ok"]}\n{"question_id": 2}\n')
-    code = main(["eval", "pairwise", "--questions", str(bad), "--answers-a", str(bad), "--answers-b", str(bad),
-                 "--judge-model", "x", "--judge-base-url", "http://127.0.0.1:9/v1", "--output-dir", str(tmp_path)])
+    code = main(
+        [
+            "eval",
+            "pairwise",
+            "--questions",
+            str(bad),
+            "--answers-a",
+            str(bad),
+            "--answers-b",
+            str(bad),
+            "--judge-model",
+            "x",
+            "--judge-base-url",
+            "http://127.0.0.1:9/v1",
+            "--output-dir",
+            str(tmp_path),
+        ]
+    )
     assert code == 2 and f"{bad}:2: missing field 'turns'" in capsys.readouterr().err

@@ -49,7 +49,11 @@ def tiny(tmp_path_factory):
 TASK = SuperNITask(
     name="t",
     definition="Reverse the list",
-    positive_examples=[{"input": "[1, 2]", "output": "[2, 1]"}, {"input": "Is it 3?", "output": "yes"}, {"input": "x", "output": "y"}],
+    positive_examples=[
+        {"input": "[1, 2]", "output": "[2, 1]"},
+        {"input": "Is it 3?", "output": "yes"},
+        {"input": "x", "output": "y"},
+    ],
 )
 
 
@@ -71,7 +75,10 @@ def test_prompt_two_shot():
 
 def test_prompt_alpaca():
     prompt = build_superni_prompt(TASK, "[5, 6]", num_shots=1, prompt_format="alpaca")
-    assert prompt.endswith("### Instruction:\nReverse the list\n\nExample 1 -\nInput: [1, 2]\nOutput: [2, 1]\n\n### Input:\n[5, 6]\n\n### Response:\n")
+    assert prompt.endswith(
+        "### Instruction:\nReverse the list\n\nExample 1 -\nInput: [1, 2]\nOutput: [2, 1]\n\n"
+        "### Input:\n[5, 6]\n\n### Response:\n"
+    )
     with pytest.raises(ValueError, match="prompt format"):
         build_superni_prompt(TASK, "x", prompt_format="chatml")
 
@@ -81,7 +88,10 @@ def test_official_task_format(tmp_path):
         "Definition": ["Answer the question", "briefly."],  # some releases give a list of strings
         "Positive Examples": [{"input": "2+2?", "output": "4", "explanation": "sum"}],
         "Negative Examples": [{"input": "2+2?", "output": "5", "explanation": "wrong"}],
-        "Instances": [{"id": "task9-abc", "input": "1+1?", "output": ["2", "two"]}, {"input": "3+3?", "output": ["6"]}],
+        "Instances": [
+            {"id": "task9-abc", "input": "1+1?", "output": ["2", "two"]},
+            {"input": "3+3?", "output": ["6"]},
+        ],
     }
     (tmp_path / "task9_add.json").write_text(json.dumps(task))
     loaded = load_superni_task(tmp_path / "task9_add.json")
@@ -106,7 +116,14 @@ def test_rouge_equals_rouge_score():
     tasks = load_superni_tasks()
     records = []
     # predictions that exercise stemming ("reversing" ~ "reverse"), case, partial overlap and multiple references
-    predictions = ["The reversed list is [1, 2]", "TUNA", "three items", "The smallest numbers, 2, come first", "", "Sorting puts 4 first"]
+    predictions = [
+        "The reversed list is [1, 2]",
+        "TUNA",
+        "three items",
+        "The smallest numbers, 2, come first",
+        "",
+        "Sorting puts 4 first",
+    ]
     for k, (task, instance) in enumerate((t, i) for t in tasks for i in t.instances):
         prediction = predictions[k % len(predictions)] + " " + instance.references[-1][: 3 + k % 7]
         records.append({"task": task.name, "prediction": prediction, "references": instance.references})
@@ -122,7 +139,10 @@ def test_rouge_equals_rouge_score():
 
 
 def test_exact_match_normalisation():
-    records = [{"task": "t", "prediction": " Two. ", "references": ["3", "two"]}, {"task": "t", "prediction": "2", "references": ["3"]}]
+    records = [
+        {"task": "t", "prediction": " Two. ", "references": ["3", "two"]},
+        {"task": "t", "prediction": "2", "references": ["3"]},
+    ]
     assert score_predictions(records)["exact_match"] == 50.0
 
 
@@ -137,7 +157,9 @@ def test_batched_generation_equals_one_by_one(tiny):
 
 def test_evaluate_superni_scores_what_it_generated(tiny):
     _, model, tokenizer = tiny
-    result = evaluate_superni(model, tokenizer, num_shots=(0, 2), max_new_tokens=4, batch_size=8, max_instances=2, progress=False)
+    result = evaluate_superni(
+        model, tokenizer, num_shots=(0, 2), max_new_tokens=4, batch_size=8, max_instances=2, progress=False
+    )
     tasks = load_superni_tasks(max_instances=2)
     assert set(result["shots"]) == {"0", "2"} and result["num_tasks"] == len(tasks)
     assert len(result["predictions"]) == 2 * sum(len(t.instances) for t in tasks)
@@ -152,8 +174,25 @@ def test_cli_rouge(tiny, tmp_path):
 
     path, _, _ = tiny
     out = tmp_path / "eval"
-    argv = ["eval", "rouge", "--model", path, "--shots", "0", "2", "--max-new-tokens", "3", "--max-instances", "1",
-            "--tasks", "synth001_reverse_list", "synth003_count_items", "--output-dir", str(out), "--no-progress"]
+    argv = [
+        "eval",
+        "rouge",
+        "--model",
+        path,
+        "--shots",
+        "0",
+        "2",
+        "--max-new-tokens",
+        "3",
+        "--max-instances",
+        "1",
+        "--tasks",
+        "synth001_reverse_list",
+        "synth003_count_items",
+        "--output-dir",
+        str(out),
+        "--no-progress",
+    ]
     assert main(argv) == 0
     result = json.loads((out / "superni.json").read_text())
     assert set(result["shots"]["2"]["tasks"]) == {"synth001_reverse_list", "synth003_count_items"}

@@ -9,6 +9,9 @@ import os
 import sys
 from pathlib import Path
 
+from ..generation.cli import _guarded  # bad input -> "error: ..." and exit 2; bad key or model -> exit 1
+from ..generation.inputs import InputError
+
 
 logger = logging.getLogger("tuna_trl.evaluation")
 
@@ -27,15 +30,33 @@ def add_parser(subparsers) -> None:
         "ROUGE-L (stemming on, best reference, x100) per task and overall.",
     )
     parser.add_argument("--model", required=True, help="Local model directory or Hub id (transformers causal LM).")
-    parser.add_argument("--task-dir", default=None, help="Directory of official Super NI task JSON files (default: the small shipped set).")
-    parser.add_argument("--tasks", nargs="+", default=None,
-                        help="Task names to keep (file names without .json), or @FILE with one name per line (e.g. test_tasks.txt).")
-    parser.add_argument("--shots", type=int, nargs="+", default=[0, 2], help="Numbers of positive examples in the prompt.")
-    parser.add_argument("--prompt-format", choices=["tk", "alpaca"], default="tk",
-                        help="'tk': the official Tk-Instruct encoding; 'alpaca': inside the Alpaca prompt.")
+    parser.add_argument(
+        "--task-dir",
+        default=None,
+        help="Directory of official Super NI task JSON files (default: the small shipped set).",
+    )
+    parser.add_argument(
+        "--tasks",
+        nargs="+",
+        default=None,
+        help="Task names to keep (file names without .json), or @FILE with one name per line (e.g. test_tasks.txt).",
+    )
+    parser.add_argument(
+        "--shots", type=int, nargs="+", default=[0, 2], help="Numbers of positive examples in the prompt."
+    )
+    parser.add_argument(
+        "--prompt-format",
+        choices=["tk", "alpaca"],
+        default="tk",
+        help="'tk': the official Tk-Instruct encoding; 'alpaca': inside the Alpaca prompt.",
+    )
     parser.add_argument("--max-instances", type=int, default=None, help="First K instances per task (official: 100).")
-    parser.add_argument("--stop", action="append", default=None,
-                        help="Cut predictions at this string (repeatable), e.g. --stop $'\\n\\n' for a base model.")
+    parser.add_argument(
+        "--stop",
+        action="append",
+        default=None,
+        help="Cut predictions at this string (repeatable), e.g. --stop $'\\n\\n' for a base model.",
+    )
     _add_generation(parser, max_new_tokens=128)
     _add_output(parser)
     parser.set_defaults(func=_guarded(run_rouge))
@@ -46,17 +67,30 @@ def add_parser(subparsers) -> None:
         description="An LLM judge compares model A's and model B's answers to each question twice, with the order "
         "swapped; A wins (or loses) only when both orders agree, otherwise it is a tie.",
     )
-    parser.add_argument("--questions", required=True, help="Question file, JSONL: question_id, category, turns (e.g. Vicuna QA).")
+    parser.add_argument(
+        "--questions", required=True, help="Question file, JSONL: question_id, category, turns (e.g. Vicuna QA)."
+    )
     for side in ("a", "b"):
         group = parser.add_mutually_exclusive_group(required=True)
-        group.add_argument(f"--answers-{side}", default=None, help=f"Answer file of model {side.upper()}: JSONL with question_id and answer.")
-        group.add_argument(f"--model-{side}", default=None, help=f"Local model {side.upper()} to generate the answers with (greedy).")
+        group.add_argument(
+            f"--answers-{side}",
+            default=None,
+            help=f"Answer file of model {side.upper()}: JSONL with question_id and answer.",
+        )
+        group.add_argument(
+            f"--model-{side}", default=None, help=f"Local model {side.upper()} to generate the answers with (greedy)."
+        )
         parser.add_argument(f"--name-{side}", default=None, help=f"Name of model {side.upper()} in the report.")
     parser.add_argument("--judge-model", required=True, help="Judge model name on the endpoint (e.g. gpt-4).")
-    parser.add_argument("--judge-base-url", default=None, help="OpenAI-compatible endpoint of the judge (default: OpenAI).")
+    parser.add_argument(
+        "--judge-base-url", default=None, help="OpenAI-compatible endpoint of the judge (default: OpenAI)."
+    )
     parser.add_argument("--judge-api", choices=["chat", "completions"], default="chat", help="Endpoint for the judge.")
-    parser.add_argument("--judge-template", default=None,
-                        help="A file replacing the judge prompt; placeholders {question}, {answer_a}, {answer_b}.")
+    parser.add_argument(
+        "--judge-template",
+        default=None,
+        help="A file replacing the judge prompt; placeholders {question}, {answer_a}, {answer_b}.",
+    )
     parser.add_argument("--judge-max-new-tokens", type=int, default=1024, help="Longest judge answer, in tokens.")
     parser.add_argument("--limit", type=int, default=None, help="Only the first K questions.")
     group = parser.add_argument_group("judge requests")
@@ -67,8 +101,12 @@ def add_parser(subparsers) -> None:
     group.add_argument("--backoff-max", type=float, default=60.0, help="Seconds; longest backoff between retries.")
     group.add_argument("--api-key-env", default="OPENAI_API_KEY", help="Environment variable holding the API key.")
     group = _add_generation(parser, max_new_tokens=512)
-    group.add_argument("--prompt-template", choices=["alpaca", "chat", "none"], default="alpaca",
-                       help="How a question is put to a local model.")
+    group.add_argument(
+        "--prompt-template",
+        choices=["alpaca", "chat", "none"],
+        default="alpaca",
+        help="How a question is put to a local model.",
+    )
     _add_output(parser)
     parser.set_defaults(func=_guarded(run_pairwise))
 
@@ -78,11 +116,23 @@ def add_parser(subparsers) -> None:
         description="Mean response length (words, and tokens with --tokenizer) at each rank position of a ranked "
         "data file (rows with 'completions', best first) and of models' answer files, with a PNG plot.",
     )
-    parser.add_argument("--ranked", default=None, help="Ranked data file (JSONL rows with prompt and completions, best first).")
-    parser.add_argument("--outputs", nargs="+", default=[], metavar="NAME=FILE",
-                        help="Answer files of models (e.g. answers_*.jsonl written by `eval pairwise`).")
+    parser.add_argument(
+        "--ranked", default=None, help="Ranked data file (JSONL rows with prompt and completions, best first)."
+    )
+    parser.add_argument(
+        "--outputs",
+        nargs="+",
+        default=[],
+        metavar="NAME=FILE",
+        help="Answer files of models (e.g. answers_*.jsonl written by `eval pairwise`).",
+    )
     parser.add_argument("--tokenizer", default=None, help="Tokenizer directory or Hub id, to also count tokens.")
-    parser.add_argument("--unit", choices=["words", "tokens"], default=None, help="Unit of the plot (default: tokens with --tokenizer).")
+    parser.add_argument(
+        "--unit",
+        choices=["words", "tokens"],
+        default=None,
+        help="Unit of the plot (default: tokens with --tokenizer).",
+    )
     _add_output(parser)
     parser.set_defaults(func=_guarded(run_length_bias))
 
@@ -100,30 +150,8 @@ def _add_output(parser) -> None:
     parser.add_argument("--no-progress", action="store_true", help="No progress bars.")
 
 
-def _guarded(function):
-    """Turn the errors a user can fix (bad input, bad key or model) into a one-line message and an exit code."""
-
-    def run(args) -> int:
-        from ..generation.sample import BackendConfigError, redact
-
-        try:
-            return function(args)
-        except (ValueError, FileNotFoundError) as err:
-            print(f"error: {err}", file=sys.stderr)
-            return 2
-        except BackendConfigError as err:
-            print(f"error: {redact(str(err))}", file=sys.stderr)
-            return 1
-
-    run.__name__ = function.__name__
-    return run
-
-
 def _written(paths) -> None:
     print("wrote " + ", ".join(str(p) for p in paths), flush=True)
-
-
-# ----------------------------------------------------------------------------------------------------------------------
 
 
 def _task_names(values: list[str] | None) -> list[str] | None:
@@ -132,7 +160,9 @@ def _task_names(values: list[str] | None) -> list[str] | None:
     names = []
     for value in values:
         if value.startswith("@"):
-            names += [line.strip() for line in Path(value[1:]).read_text(encoding="utf-8").splitlines() if line.strip()]
+            names += [
+                line.strip() for line in Path(value[1:]).read_text(encoding="utf-8").splitlines() if line.strip()
+            ]
         else:
             names.append(value)
     return names
@@ -175,9 +205,6 @@ def _write_jsonl(path: Path, rows: list[dict]) -> None:
             f.write(json.dumps(row, ensure_ascii=False) + "\n")
 
 
-# ----------------------------------------------------------------------------------------------------------------------
-
-
 def _model_name(name, answers, model, default) -> str:
     if name:
         return name
@@ -203,7 +230,12 @@ def write_model_answers(model_path: str, questions: list[dict], output: str, arg
         for start in range(0, len(todo), step):
             chunk = todo[start : start + step]
             answers = generate_answers(
-                model, tokenizer, prompts[start : start + step], args.batch_size, args.max_new_tokens, progress=not args.no_progress
+                model,
+                tokenizer,
+                prompts[start : start + step],
+                args.batch_size,
+                args.max_new_tokens,
+                progress=not args.no_progress,
             )
             for question, answer in zip(chunk, answers):
                 out.write({"question_id": question["question_id"], "model": model_path, "answer": answer})
@@ -223,7 +255,7 @@ def run_pairwise(args) -> int:
     if name_a == name_b:
         name_a, name_b = f"{name_a} (A)", f"{name_b} (B)"
     answers = {}
-    for side, name in (("a", name_a), ("b", name_b)):
+    for side in ("a", "b"):
         path = getattr(args, f"answers_{side}")
         if path is None:
             path = str(output_dir / f"answers_{side}.jsonl")
@@ -260,12 +292,12 @@ def run_pairwise(args) -> int:
     paths = write_report(output_dir, "pairwise", summary, markdown)
     print(markdown.split("### By category")[0].rstrip(), flush=True)
     if summary["failed"]:
-        print(f"{summary['failed']} question(s) not judged: see {summary['errors_file']}; run again to retry them.", flush=True)
+        print(
+            f"{summary['failed']} question(s) not judged: see {summary['errors_file']}; run again to retry them.",
+            flush=True,
+        )
     _written(paths)
     return EXIT_SOME_FAILED if summary["failed"] else 0
-
-
-# ----------------------------------------------------------------------------------------------------------------------
 
 
 def _named_files(values: list[str]) -> dict[str, str]:
@@ -273,9 +305,9 @@ def _named_files(values: list[str]) -> dict[str, str]:
     for value in values:
         name, sep, path = value.partition("=")
         if not sep or not name or not path:
-            raise ValueError(f"--outputs takes NAME=FILE, got {value!r}")
+            raise InputError(f"--outputs takes NAME=FILE, got {value!r}")
         if name in named:
-            raise ValueError(f"--outputs names {name!r} twice")
+            raise InputError(f"--outputs names {name!r} twice")
         named[name] = path
     return named
 
@@ -290,12 +322,16 @@ def run_length_bias(args) -> int:
 
         tokenizer = AutoTokenizer.from_pretrained(args.tokenizer)
     if args.unit == "tokens" and tokenizer is None:
-        raise ValueError("--unit tokens needs --tokenizer")
+        raise InputError("--unit tokens needs --tokenizer")
     result = length_bias(args.ranked, _named_files(args.outputs), tokenizer)
     result["tokenizer"] = args.tokenizer
     markdown = length_bias_markdown(result)
     paths = write_report(args.output_dir, "length_bias", result, markdown)
-    png = plot_length_bias(result, os.path.join(args.output_dir, "length_bias.png"), unit=args.unit or ("tokens" if tokenizer else "words"))
+    png = plot_length_bias(
+        result,
+        os.path.join(args.output_dir, "length_bias.png"),
+        unit=args.unit or ("tokens" if tokenizer else "words"),
+    )
     print(markdown, flush=True)
     _written([*paths, png])
     return 0

@@ -11,7 +11,7 @@ import torch
 from tqdm.auto import tqdm
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-from ..generation.inputs import render_prompt
+from ..generation.inputs import InputError, render_prompt
 
 
 logger = logging.getLogger(__name__)
@@ -20,7 +20,10 @@ PROMPT_TEMPLATES = ("alpaca", "chat", "none")
 
 
 def format_prompt(
-    instruction: str, input: str | None = None, template: str = "alpaca", tokenizer: PreTrainedTokenizerBase | None = None
+    instruction: str,
+    input: str | None = None,
+    template: str = "alpaca",
+    tokenizer: PreTrainedTokenizerBase | None = None,
 ) -> str:
     """The text a model is asked with.
 
@@ -32,13 +35,15 @@ def format_prompt(
     """
     if template == "chat":
         if tokenizer is None or not tokenizer.chat_template:
-            raise ValueError("template='chat' needs a tokenizer with a chat template; use 'alpaca' or 'none'.")
+            raise InputError("template='chat' needs a tokenizer with a chat template; use 'alpaca' or 'none'.")
         content = render_prompt(instruction, input, "none")
         messages = [{"role": "user", "content": content}]
         text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
         # the template writes BOS itself and the tokenizer adds another when the prompt is encoded: keep one
         bos = tokenizer.bos_token
-        adds_bos = bos is not None and tokenizer("", add_special_tokens=True)["input_ids"][:1] == [tokenizer.bos_token_id]
+        adds_bos = bos is not None and tokenizer("", add_special_tokens=True)["input_ids"][:1] == [
+            tokenizer.bos_token_id
+        ]
         return text[len(bos) :] if adds_bos and text.startswith(bos) else text
     if template not in PROMPT_TEMPLATES:
         raise ValueError(f"Unknown prompt template {template!r}; choose one of {PROMPT_TEMPLATES}.")
@@ -85,7 +90,9 @@ def generate_answers(
         answers: list[str] = [""] * len(prompts)
         for start in tqdm(range(0, len(order), batch_size), desc="generating", unit="batch", disable=not progress):
             batch = order[start : start + batch_size]
-            samples = backend.generate([prompts[i] for i in batch], n=1, temperature=0.0, max_new_tokens=max_new_tokens)
+            samples = backend.generate(
+                [prompts[i] for i in batch], n=1, temperature=0.0, max_new_tokens=max_new_tokens
+            )
             for i, (sample,) in zip(batch, samples):
                 answers[i] = sample.text.strip()
     finally:

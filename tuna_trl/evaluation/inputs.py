@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import logging
 
-from ..generation.inputs import _json_records
+from ..generation.inputs import InputError, _json_records
 
 
 logger = logging.getLogger(__name__)
@@ -20,15 +20,17 @@ def read_rows(path: str, required: tuple[str, ...] = ()) -> list[tuple[int, dict
     """`(line, row)` for each record of `path`, checking that each is an object with the `required` fields.
 
     Raises:
-        ValueError: naming the file and line of the first bad record.
+        InputError (a ValueError): naming the file and line of the first bad record.
     """
     rows = []
     for line, record in _json_records(str(path)):
         if not isinstance(record, dict):
-            raise ValueError(f"{path}:{line}: each record must be a JSON object, got {type(record).__name__}")
+            raise InputError(f"{path}:{line}: each record must be a JSON object, got {type(record).__name__}")
         missing = [key for key in required if key not in record]
         if missing:
-            raise ValueError(f"{path}:{line}: missing field {missing[0]!r} (found {sorted(record)}); need {list(required)}")
+            raise InputError(
+                f"{path}:{line}: missing field {missing[0]!r} (found {sorted(record)}); need {list(required)}"
+            )
         rows.append((line, record))
     return rows
 
@@ -44,10 +46,10 @@ def load_questions(path: str, limit: int | None = None) -> list[dict]:
     for line, row in read_rows(path, ("question_id", "turns")):
         turns = row["turns"]
         if not isinstance(turns, list) or not turns or not all(isinstance(t, str) and t.strip() for t in turns):
-            raise ValueError(f"{path}:{line}: 'turns' must be a non-empty list of non-empty strings")
+            raise InputError(f"{path}:{line}: 'turns' must be a non-empty list of non-empty strings")
         key = str(row["question_id"])
         if key in seen:
-            raise ValueError(f"{path}:{line}: question_id {row['question_id']!r} repeats line {seen[key]}")
+            raise InputError(f"{path}:{line}: question_id {row['question_id']!r} repeats line {seen[key]}")
         seen[key] = line
         multi_turn += len(turns) > 1
         questions.append({**row, "category": row.get("category", ""), "question": turns[0], "line": line})
@@ -78,7 +80,7 @@ def load_answers(path: str) -> dict[str, str]:
     for line, row in read_rows(path, ("question_id",)):
         text = _answer_text(row)
         if text is None:
-            raise ValueError(
+            raise InputError(
                 f"{path}:{line}: no answer text; expected one of the fields {list(ANSWER_FIELDS)} (a string) or "
                 "FastChat's 'choices': [{'turns': [...]}]"
             )
@@ -90,6 +92,13 @@ def completion_text(value, where: str) -> str:
     """A completion as text: a string, or a conversational completion (a list holding one assistant message)."""
     if isinstance(value, str):
         return value
-    if isinstance(value, list) and len(value) == 1 and isinstance(value[0], dict) and isinstance(value[0].get("content"), str):
+    if (
+        isinstance(value, list)
+        and len(value) == 1
+        and isinstance(value[0], dict)
+        and isinstance(value[0].get("content"), str)
+    ):
         return value[0]["content"]
-    raise ValueError(f"{where}: expected a string or [{{'role': 'assistant', 'content': ...}}], got {type(value).__name__}")
+    raise InputError(
+        f"{where}: expected a string or [{{'role': 'assistant', 'content': ...}}], got {type(value).__name__}"
+    )

@@ -11,6 +11,7 @@ import logging
 import os
 from statistics import mean
 
+from ..generation.inputs import InputError
 from .inputs import completion_text, load_answers, read_rows
 
 
@@ -67,7 +68,7 @@ def read_ranked_completions(path: str) -> list[list[str]]:
     for line, row in read_rows(path, ("completions",)):
         completions = row["completions"]
         if not isinstance(completions, list) or not completions:
-            raise ValueError(f"{path}:{line}: 'completions' must be a non-empty list, best first")
+            raise InputError(f"{path}:{line}: 'completions' must be a non-empty list, best first")
         rows.append([completion_text(c, f"{path}:{line}: completions[{k}]") for k, c in enumerate(completions)])
     return rows
 
@@ -85,7 +86,7 @@ def length_bias(ranked_file: str | None = None, outputs: dict[str, str] | None =
         "words_mean", "tokens_mean"?}}}`.
     """
     if ranked_file is None and not outputs:
-        raise ValueError("Give a ranked data file, answer files of models, or both.")
+        raise InputError("Give a ranked data file, answer files of models, or both.")
     result = {"ranked": None, "outputs": {}}
     if ranked_file is not None:
         rows = read_ranked_completions(ranked_file)
@@ -114,8 +115,11 @@ def length_bias_markdown(result: dict) -> str:
         parts += ["", f"### By rank position in {ranked['file']} ({ranked['rows']} rows; rank 0 = best)", ""]
         parts.append(markdown_table(["rank"] + headers, [[p["rank"], *cells(p)] for p in ranked["positions"]]))
         if ranked["pairs"]:
-            parts += ["", f"The better-ranked response is the longer one (in words) in {100 * ranked['longer_preferred']:.1f}% "
-                      f"of {ranked['pairs']} ranked pairs, the shorter one in {100 * ranked['shorter_preferred']:.1f}%."]
+            parts += [
+                "",
+                f"The better-ranked response is the longer one (in words) in {100 * ranked['longer_preferred']:.1f}% "
+                f"of {ranked['pairs']} ranked pairs, the shorter one in {100 * ranked['shorter_preferred']:.1f}%.",
+            ]
     if result["outputs"]:
         parts += ["", "### Model outputs", ""]
         parts.append(markdown_table(["model"] + headers, [[name, *cells(o)] for name, o in result["outputs"].items()]))

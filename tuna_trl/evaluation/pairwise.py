@@ -14,12 +14,12 @@ import re
 from collections import Counter
 from pathlib import Path
 
-from ..generation.inputs import Instruction
+from ..generation.inputs import InputError, Instruction
 from ..generation.jsonl import id_key
 from ..generation.judge import JudgeParseError
 from ..generation.rankers import RowFailure
 from ..generation.runner import errors_path, run_ranker
-from ..generation.sample import Backend, BackendConfigError, track_usage
+from ..generation.sample import Backend, track_usage
 from .inputs import read_rows
 
 
@@ -132,7 +132,9 @@ class PairwiseJudge:
             rows.append(self._row(instruction, raw_ab, raw_ba, usage.as_dict(), len(instructions)))
         return rows
 
-    def _row(self, instruction: Instruction, raw_ab: str, raw_ba: str, usage: dict, shared_by: int) -> dict | RowFailure:
+    def _row(
+        self, instruction: Instruction, raw_ab: str, raw_ba: str, usage: dict, shared_by: int
+    ) -> dict | RowFailure:
         verdicts, failures = {}, []
         for order, raw in (("ab", raw_ab), ("ba", raw_ba)):
             try:
@@ -168,7 +170,7 @@ class PairwiseJudge:
 def _check_answers(questions: list[dict], answers: dict[str, str], name: str) -> None:
     missing = [q["question_id"] for q in questions if str(q["question_id"]) not in answers]
     if missing:
-        raise ValueError(
+        raise InputError(
             f"The answers of {name} have no answer for question_id {missing[0]!r}"
             + (f" (and {len(missing) - 1} more)" if len(missing) > 1 else "")
             + "; answer files need a row per question."
@@ -200,15 +202,19 @@ def judge_pairwise(
         `pairwise_summary(...)` of the questions: counts, rates, per-question verdicts and the failures.
 
     Raises:
-        ValueError: a question has no answer from one of the models.
+        InputError (a ValueError): a question has no answer from one of the models.
         BackendConfigError: the judge endpoint cannot work (bad key, unknown model); verdicts written so far stay.
     """
     _check_answers(questions, answers_a, names[0])
     _check_answers(questions, answers_b, names[1])
     by_id = {str(q["question_id"]): q for q in questions}
-    instructions = [Instruction(q["question_id"], q["question"], q["question"], None, None, q.get("line", 0)) for q in questions]
+    instructions = [
+        Instruction(q["question_id"], q["question"], q["question"], None, None, q.get("line", 0)) for q in questions
+    ]
     judge = PairwiseJudge(backend, answers_a, answers_b, by_id, template, max_new_tokens, names)
-    run = run_ranker(instructions, output, judge, workers=concurrency, chunk_size=1, progress=progress, description="judging")
+    run = run_ranker(
+        instructions, output, judge, workers=concurrency, chunk_size=1, progress=progress, description="judging"
+    )
     summary = pairwise_summary(questions, output, names, getattr(backend, "name", None))
     summary["run"] = {
         "written": run.written,
@@ -221,7 +227,9 @@ def judge_pairwise(
     return summary
 
 
-def pairwise_summary(questions: list[dict], output: str, names: tuple[str, str] = ("model_a", "model_b"), judge: str | None = None) -> dict:
+def pairwise_summary(
+    questions: list[dict], output: str, names: tuple[str, str] = ("model_a", "model_b"), judge: str | None = None
+) -> dict:
     """Win / lose / tie of model A over `questions`, from the verdicts in `output` and the failures in its errors file.
 
     Returns:
@@ -246,7 +254,10 @@ def pairwise_summary(questions: list[dict], output: str, names: tuple[str, str] 
     for row in ordered:
         by_category.setdefault(row.get("category", ""), Counter())[row["outcome"]] += 1
     judged = len(ordered)
-    agreed = sum(combine_verdicts(r["verdict_ab"], r["verdict_ba"]) != "tie" or r["verdict_ab"] == r["verdict_ba"] == "C" for r in ordered)
+    agreed = sum(
+        combine_verdicts(r["verdict_ab"], r["verdict_ba"]) != "tie" or r["verdict_ab"] == r["verdict_ba"] == "C"
+        for r in ordered
+    )
     return {
         "model_a": names[0],
         "model_b": names[1],
@@ -262,8 +273,7 @@ def pairwise_summary(questions: list[dict], output: str, names: tuple[str, str] 
             {k: row[k] for k in ("question_id", "category", "verdict_ab", "verdict_ba", "outcome")} for row in ordered
         ],
         "failures": [
-            {"question_id": f["id"], "stage": f.get("stage"), "reason": f.get("reason")}
-            for key, f in errors.items()
+            {"question_id": f["id"], "stage": f.get("stage"), "reason": f.get("reason")} for key, f in errors.items()
         ]
         + [
             {"question_id": q["question_id"], "stage": "not run", "reason": "not judged yet (rerun to judge it)"}
@@ -284,26 +294,69 @@ def pairwise_markdown(summary: dict) -> str:
     rate = lambda x: None if x is None else 100.0 * x  # noqa: E731
     overall = markdown_table(
         ["", "win", "lose", "tie", "failed", "win %", "lose %", "tie %", "order agreement %"],
-        [[f"{a} vs {b}", summary["win"], summary["lose"], summary["tie"], summary["failed"], rate(summary["win_rate"]),
-          rate(summary["lose_rate"]), rate(summary["tie_rate"]), rate(summary["order_agreement"])]],
+        [
+            [
+                f"{a} vs {b}",
+                summary["win"],
+                summary["lose"],
+                summary["tie"],
+                summary["failed"],
+                rate(summary["win_rate"]),
+                rate(summary["lose_rate"]),
+                rate(summary["tie_rate"]),
+                rate(summary["order_agreement"]),
+            ]
+        ],
     )
     categories = markdown_table(
-        ["category", "win", "lose", "tie"], [[c or "(none)", n["win"], n["lose"], n["tie"]] for c, n in summary["by_category"].items()]
+        ["category", "win", "lose", "tie"],
+        [[c or "(none)", n["win"], n["lose"], n["tie"]] for c, n in summary["by_category"].items()],
     )
     preferred_ab, preferred_ba = {"A": a, "B": b, "C": "tie"}, {"A": b, "B": a, "C": "tie"}
     verdicts = markdown_table(
-        ["question_id", "category", f"judge prefers ({a} shown first)", f"judge prefers ({b} shown first)", f"outcome for {a}"],
         [
-            [str(v["question_id"]), v["category"], preferred_ab[v["verdict_ab"]], preferred_ba[v["verdict_ba"]], v["outcome"]]
+            "question_id",
+            "category",
+            f"judge prefers ({a} shown first)",
+            f"judge prefers ({b} shown first)",
+            f"outcome for {a}",
+        ],
+        [
+            [
+                str(v["question_id"]),
+                v["category"],
+                preferred_ab[v["verdict_ab"]],
+                preferred_ba[v["verdict_ba"]],
+                v["outcome"],
+            ]
             for v in summary["verdicts"]
         ],
     )
-    parts = [title, "", f"Each question is judged twice, with {a}'s answer shown first and then {b}'s; a win or loss "
-             "counts only when both orders prefer the same model, anything else is a tie.", "", overall, "",
-             "### By category", "", categories, "", "### Per question", "", verdicts]
+    parts = [
+        title,
+        "",
+        f"Each question is judged twice, with {a}'s answer shown first and then {b}'s; a win or loss "
+        "counts only when both orders prefer the same model, anything else is a tie.",
+        "",
+        overall,
+        "",
+        "### By category",
+        "",
+        categories,
+        "",
+        "### Per question",
+        "",
+        verdicts,
+    ]
     if summary["failures"]:
         failures = markdown_table(
-            ["question_id", "stage", "reason"], [[str(f["question_id"]), f["stage"], f["reason"]] for f in summary["failures"]]
+            ["question_id", "stage", "reason"],
+            [[str(f["question_id"]), f["stage"], f["reason"]] for f in summary["failures"]],
         )
-        parts += ["", f"### Not judged ({len(summary['failures'])}): see {summary['errors_file']}; a rerun retries them", "", failures]
+        parts += [
+            "",
+            f"### Not judged ({len(summary['failures'])}): see {summary['errors_file']}; a rerun retries them",
+            "",
+            failures,
+        ]
     return "\n".join(parts) + "\n"

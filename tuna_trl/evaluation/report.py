@@ -25,7 +25,8 @@ def markdown_table(headers: list[str], rows: list[list], digits: int = 2) -> str
     | reverse | 12.35 |
     """
     numeric = [
-        bool(rows) and all(isinstance(row[i], (int, float)) or row[i] is None for row in rows) for i in range(len(headers))
+        bool(rows) and all(isinstance(row[i], (int, float)) or row[i] is None for row in rows)
+        for i in range(len(headers))
     ]
     lines = [
         "| " + " | ".join(headers) + " |",

@@ -18,8 +18,8 @@ from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
 
+from ..generation.inputs import ALPACA_PROMPT_WITH_INPUT, InputError
 from ..generation.rouge import rouge_l
-from ..generation.inputs import ALPACA_PROMPT_WITH_INPUT
 
 
 logger = logging.getLogger(__name__)
@@ -54,7 +54,7 @@ def shipped_task_dir() -> Path:
 
 def _text(value, where: str) -> str:
     if not isinstance(value, str):
-        raise ValueError(f"{where}: expected a string, got {type(value).__name__}.")
+        raise InputError(f"{where}: expected a string, got {type(value).__name__}.")
     return value
 
 
@@ -63,16 +63,16 @@ def load_superni_task(path: str | os.PathLike) -> SuperNITask:
     `Instances` with `input`, a list `output` and an optional `id`; other fields are ignored).
 
     Raises:
-        ValueError: naming the file and the field or instance that is malformed.
+        InputError (a ValueError): naming the file and the field or instance that is malformed.
     """
     path = Path(path)
     try:
         data = json.loads(path.read_text(encoding="utf-8"))
     except json.JSONDecodeError as err:
-        raise ValueError(f"{path}: not valid JSON ({err}).") from err
+        raise InputError(f"{path}: not valid JSON ({err}).") from err
     for key in ("Definition", "Instances"):
         if key not in data:
-            raise ValueError(f"{path}: missing field {key!r}; is this a Super-NaturalInstructions task file?")
+            raise InputError(f"{path}: missing field {key!r}; is this a Super-NaturalInstructions task file?")
     definition = data["Definition"]
     if isinstance(definition, list):  # some releases split the definition into several strings
         definition = " ".join(_text(d, f"{path}, Definition[{i}]").strip() for i, d in enumerate(definition))
@@ -81,18 +81,20 @@ def load_superni_task(path: str | os.PathLike) -> SuperNITask:
     for i, example in enumerate(data.get("Positive Examples", [])):
         where = f"{path}, Positive Examples[{i}]"
         if not isinstance(example, dict) or "input" not in example or "output" not in example:
-            raise ValueError(f"{where}: expected an object with 'input' and 'output'.")
-        examples.append({"input": _text(example["input"], where + ".input"), "output": _text(example["output"], where + ".output")})
+            raise InputError(f"{where}: expected an object with 'input' and 'output'.")
+        examples.append(
+            {"input": _text(example["input"], where + ".input"), "output": _text(example["output"], where + ".output")}
+        )
     instances = []
     for i, instance in enumerate(data["Instances"]):
         where = f"{path}, Instances[{i}]"
         if not isinstance(instance, dict) or "input" not in instance or "output" not in instance:
-            raise ValueError(f"{where}: expected an object with 'input' and 'output'.")
+            raise InputError(f"{where}: expected an object with 'input' and 'output'.")
         references = instance["output"]
         if isinstance(references, str):
             references = [references]
         if not references:
-            raise ValueError(f"{where}.output: the list of reference outputs is empty.")
+            raise InputError(f"{where}.output: the list of reference outputs is empty.")
         references = [_text(r, f"{where}.output[{k}]") for k, r in enumerate(references)]
         instance_id = str(instance.get("id", f"{path.stem}-{i}"))
         instances.append(SuperNIInstance(instance_id, _text(instance["input"], where + ".input"), references))
@@ -110,15 +112,15 @@ def load_superni_tasks(
     """
     task_dir = Path(task_dir) if task_dir is not None else shipped_task_dir()
     if not task_dir.is_dir():
-        raise ValueError(f"Super NI task directory {task_dir} does not exist.")
+        raise InputError(f"Super NI task directory {task_dir} does not exist.")
     paths = {p.stem: p for p in sorted(task_dir.glob("*.json"))}
     if tasks is not None:
         missing = [name for name in tasks if name not in paths]
         if missing:
-            raise ValueError(f"Task {missing[0]!r} has no file {missing[0]}.json in {task_dir}.")
+            raise InputError(f"Task {missing[0]!r} has no file {missing[0]}.json in {task_dir}.")
         paths = {name: paths[name] for name in tasks}
     if not paths:
-        raise ValueError(f"No Super NI task files (*.json) in {task_dir}.")
+        raise InputError(f"No Super NI task files (*.json) in {task_dir}.")
     loaded = [load_superni_task(p) for p in paths.values()]
     if max_instances is not None:
         for task in loaded:
@@ -247,12 +249,16 @@ def evaluate_superni(
     for k in num_shots:
         short = [t.name for t in loaded if len(t.positive_examples) < k]
         if short:
-            logger.warning("%d task(s) have fewer than %d positive examples and use all they have: %s", len(short), k, short)
+            logger.warning(
+                "%d task(s) have fewer than %d positive examples and use all they have: %s", len(short), k, short
+            )
         records, prompts = [], []
         for task in loaded:
             for instance in task.instances:
                 prompts.append(build_superni_prompt(task, instance.input, k, prompt_format))
-                records.append({"task": task.name, "id": instance.id, "num_shots": k, "references": instance.references})
+                records.append(
+                    {"task": task.name, "id": instance.id, "num_shots": k, "references": instance.references}
+                )
         predictions = generate_answers(model, tokenizer, prompts, batch_size, max_new_tokens, progress=progress)
         for record, prediction in zip(records, predictions):
             record["prediction"] = _cut_at_stop(prediction, stop) if stop else prediction
@@ -274,6 +280,12 @@ def superni_markdown(result: dict) -> str:
         + [result["shots"][k]["tasks"][name]["exact_match"] for k in shots]
         for name in names
     ]
-    rows.append(["**mean (all instances)**"] + [result["shots"][k]["rougeL"] for k in shots] + [result["shots"][k]["exact_match"] for k in shots])
-    rows.append(["mean of task means"] + [result["shots"][k]["rougeL_task_mean"] for k in shots] + [None for _ in shots])
+    rows.append(
+        ["**mean (all instances)**"]
+        + [result["shots"][k]["rougeL"] for k in shots]
+        + [result["shots"][k]["exact_match"] for k in shots]
+    )
+    rows.append(
+        ["mean of task means"] + [result["shots"][k]["rougeL_task_mean"] for k in shots] + [None for _ in shots]
+    )
     return "## Super-NaturalInstructions\n\n" + markdown_table(headers, rows) + "\n"

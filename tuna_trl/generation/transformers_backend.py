@@ -68,10 +68,15 @@ class TransformersBackend:
     ) -> list[list[Sample]]:
         """`n` samples for each prompt (temperature 0 = greedy), in chunks of `batch_size` sequences."""
         rows = [prompt for prompt in prompts for _ in range(n)]
-        samples: list[Sample] = []
+        # chunks of similar prompt lengths waste less compute on left padding
+        order = sorted(range(len(rows)), key=lambda i: len(rows[i]))
+        samples: list[Sample | None] = [None] * len(rows)
         with self._lock:
             for start in range(0, len(rows), self.batch_size):
-                samples += self._generate_batch(rows[start : start + self.batch_size], temperature, max_new_tokens, logprobs)
+                chunk = order[start : start + self.batch_size]
+                batch = self._generate_batch([rows[i] for i in chunk], temperature, max_new_tokens, logprobs)
+                for i, sample in zip(chunk, batch):
+                    samples[i] = sample
         return [samples[i * n : (i + 1) * n] for i in range(len(prompts))]
 
     def _generate_batch(self, texts, temperature, max_new_tokens, logprobs) -> list[Sample]:

@@ -192,15 +192,17 @@ def main(script_args, training_args, model_args):
         trainer.log_metrics("eval", metrics)
         trainer.save_metrics("eval", metrics)
 
-    # Under ZeRO-3 every process takes part in gathering the weights (stage3_gather_16bit_weights_on_model_save).
-    trainer.save_model(training_args.output_dir)
+    # Every process calls these: under ZeRO-3 they all take part in gathering the weights into one checkpoint
+    # (stage3_gather_16bit_weights_on_model_save); only the main process writes and uploads.
     dataset_name = hub_dataset_name(script_args.dataset_name)
-    model_name = (training_args.hub_model_id or os.path.normpath(training_args.output_dir)).split("/")[-1]
-    trainer.create_model_card(model_name=model_name, dataset_name=dataset_name)
-    trainer.accelerator.print(f"Model and model card saved to {training_args.output_dir}.")
     if training_args.push_to_hub:
-        trainer.push_to_hub(dataset_name=dataset_name)
+        trainer.push_to_hub(dataset_name=dataset_name)  # saves the model (or adapter) and the card, then uploads
         trainer.accelerator.print(f"Pushed to https://huggingface.co/{trainer.hub_model_id}.")
+    else:
+        trainer.save_model(training_args.output_dir)
+        model_name = os.path.basename(os.path.normpath(training_args.output_dir))
+        trainer.create_model_card(model_name=model_name, dataset_name=dataset_name)
+        trainer.accelerator.print(f"Model and model card saved to {training_args.output_dir}.")
     if hasattr(trainer, "end"):  # transformers >= 5.18: finish the trackers, destroy the process group
         trainer.end()
 

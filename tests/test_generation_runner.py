@@ -220,3 +220,14 @@ def test_inputs_alpaca_json_prompt_rows_and_errors_with_file_and_line(tmp_path):
         (tmp_path / "bad.jsonl").write_text(text)
         with pytest.raises(InputError, match=message):
             read_instructions(str(tmp_path / "bad.jsonl"))
+
+
+def test_cli_bad_input_names_file_and_line(tmp_path, capsys):
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"instruction": "ok"}\n{"instruction": \n')
+    code = generate_main(["probabilistic", "--input", str(bad), "--output", str(tmp_path / "o.jsonl"),
+                          "--teacher-model", "m", "--base-url", "http://127.0.0.1:9/v1", "--no-progress"])
+    assert code == 2 and f"{bad}:2: not valid JSON" in capsys.readouterr().err
+    code = generate_main(["contextual", "--input", _write_alpaca(tmp_path / "a.jsonl", 1), "--output",
+                          str(tmp_path / "o.jsonl"), "--policy-model", "no/such/dir", "--judge-model", "j"])
+    assert code == 2 and "neither a local directory nor an http(s) URL" in capsys.readouterr().err

@@ -139,25 +139,34 @@ def _parallelism(backend, args) -> tuple[int, int]:
     return args.concurrency, 1
 
 
-def _run(args, ranker, backend, description) -> int:
+def _read(args):
     from .inputs import read_instructions
+
+    return read_instructions(args.input, prompt_template=args.prompt_template, limit=args.limit)
+
+
+def _run(args, instructions, ranker, backend, description, backends) -> int:
     from .runner import run_ranker
 
-    instructions = read_instructions(args.input, prompt_template=args.prompt_template, limit=args.limit)
     workers, chunk_size = _parallelism(backend, args)
     if description == "contextual" and workers == 1:
         workers = 2  # judge one chunk while the local policy samples the next
-    summary = run_ranker(
-        instructions,
-        args.output,
-        ranker,
-        workers=workers,
-        chunk_size=chunk_size,
-        price_per_1k=args.price_per_1k_tokens,
-        completion_price_per_1k=args.completion_price_per_1k_tokens,
-        progress=not args.no_progress,
-        description=description,
-    )
+    try:
+        summary = run_ranker(
+            instructions,
+            args.output,
+            ranker,
+            workers=workers,
+            chunk_size=chunk_size,
+            price_per_1k=args.price_per_1k_tokens,
+            completion_price_per_1k=args.completion_price_per_1k_tokens,
+            progress=not args.no_progress,
+            description=description,
+        )
+    finally:
+        for each in backends:
+            if hasattr(each, "close"):
+                each.close()
     print(summary.format(), flush=True)
     return EXIT_ROWS_FAILED if summary.errors else 0
 
@@ -186,9 +195,10 @@ def _guarded(function):
 def run_probabilistic(args) -> int:
     from .rankers import ProbabilisticRanker
 
+    instructions = _read(args)  # bad input fails before a model is loaded
     teacher = _backend(args, args.teacher_model, args.base_url, args.api)
     ranker = ProbabilisticRanker(teacher, n=args.n, temperature=args.temperature, max_new_tokens=args.max_new_tokens, beta=args.beta)
-    return _run(args, ranker, teacher, "probabilistic")
+    return _run(args, instructions, ranker, teacher, "probabilistic", [teacher])
 
 
 @_guarded
@@ -196,6 +206,7 @@ def run_contextual(args) -> int:
     from .judge import LLMJudge
     from .rankers import ContextualRanker
 
+    instructions = _read(args)
     if _is_url(args.policy_model):
         policy = _openai_backend(args, args.policy_name or _served_model(args), args.policy_model, args.policy_api)
     elif os.path.isdir(args.policy_model):
@@ -207,11 +218,8 @@ def run_contextual(args) -> int:
     if args.judge_template:
         with open(args.judge_template, encoding="utf-8") as f:
             template = f.read()
-    judge = LLMJudge(
-        _backend(args, args.judge_model, args.judge_base_url, args.judge_api),
-        template=template,
-        max_new_tokens=args.judge_max_new_tokens,
-    )
+    judge_backend = _backend(args, args.judge_model, args.judge_base_url, args.judge_api)
+    judge = LLMJudge(judge_backend, template=template, max_new_tokens=args.judge_max_new_tokens)
     ranker = ContextualRanker(
         policy,
         judge,
@@ -223,7 +231,7 @@ def run_contextual(args) -> int:
         max_new_tokens=args.max_new_tokens,
         judge_workers=args.concurrency,
     )
-    return _run(args, ranker, policy, "contextual")
+    return _run(args, instructions, ranker, policy, "contextual", [policy, judge_backend])
 
 
 def main(argv=None) -> int:

@@ -24,9 +24,13 @@ def main():
     parser.add_argument("--hidden-size", type=int, default=64)
     parser.add_argument("--layers", type=int, default=2)
     parser.add_argument("--repeats", type=int, default=3, help="each way is timed this often; the best time counts")
-    parser.add_argument("--threads", type=int, default=1,
-                        help="torch CPU threads (a model this small gains nothing from more, and on a busy machine "
-                        "OpenMP threads spin-waiting for each other make every matmul ~100x slower)")
+    parser.add_argument(
+        "--threads",
+        type=int,
+        default=1,
+        help="torch CPU threads (a model this small gains nothing from more, and on a busy machine "
+        "OpenMP threads spin-waiting for each other make every matmul ~100x slower)",
+    )
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
 
@@ -37,7 +41,9 @@ def main():
     prompts = [" ".join(rng.choice(words) for _ in range(rng.randint(8, 40))) for _ in range(args.prompts)]
     # every sample runs to max_new_tokens, so that both ways do the same work
     fixed_length = {"min_new_tokens": args.max_new_tokens}
-    backend = TransformersBackend(model, tokenizer=tokenizer, batch_size=args.batch_size, generation_kwargs=fixed_length)
+    backend = TransformersBackend(
+        model, tokenizer=tokenizer, batch_size=args.batch_size, generation_kwargs=fixed_length
+    )
     options = dict(n=args.n, temperature=1.0, max_new_tokens=args.max_new_tokens, logprobs=True)
     backend.generate(prompts[:2], **options)  # warm-up
 
@@ -58,18 +64,22 @@ def main():
     one_at_a_time_s, batched_s = min(times[one_prompt_per_call]), min(times[batched])
 
     samples = args.prompts * args.n
-    print(json.dumps({
-        "model": f"llama hidden={args.hidden_size} layers={args.layers} vocab={len(tokenizer)}",
-        "prompts": args.prompts,
-        "n": args.n,
-        "max_new_tokens": args.max_new_tokens,
-        "torch_threads": torch.get_num_threads(),
-        "one_prompt_per_call_s": round(one_at_a_time_s, 3),
-        "batched_s": round(batched_s, 3),
-        "one_prompt_per_call_samples_per_s": round(samples / one_at_a_time_s, 1),
-        "batched_samples_per_s": round(samples / batched_s, 1),
-        "ratio": round(one_at_a_time_s / batched_s, 2),
-    }))
+    print(
+        json.dumps(
+            {
+                "model": f"llama hidden={args.hidden_size} layers={args.layers} vocab={len(tokenizer)}",
+                "prompts": args.prompts,
+                "n": args.n,
+                "max_new_tokens": args.max_new_tokens,
+                "torch_threads": torch.get_num_threads(),
+                "one_prompt_per_call_s": round(one_at_a_time_s, 3),
+                "batched_s": round(batched_s, 3),
+                "one_prompt_per_call_samples_per_s": round(samples / one_at_a_time_s, 1),
+                "batched_samples_per_s": round(samples / batched_s, 1),
+                "ratio": round(one_at_a_time_s / batched_s, 2),
+            }
+        )
+    )
 
 
 if __name__ == "__main__":

@@ -30,7 +30,17 @@ def _corpus_words() -> list[str]:
     import unittest
 
     words = []
-    for module in (argparse_module, collections, email, functools, json_module, logging, subprocess, threading, unittest):
+    for module in (
+        argparse_module,
+        collections,
+        email,
+        functools,
+        json_module,
+        logging,
+        subprocess,
+        threading,
+        unittest,
+    ):
         for _, obj in inspect.getmembers(module):
             doc = inspect.getdoc(obj) if callable(obj) else None
             if doc:
@@ -79,14 +89,18 @@ def main():
             "speedup": round(baseline_s / tuna_s, 1),
             "max_abs_diff": max_abs_diff,
         }
-    print(json.dumps({
-        "matrices": len(groups),
-        "texts_per_matrix": "4-16",
-        "pairs": pairs,
-        "mean_words": round(sum(len(t.split()) for g in groups for t in g) / sum(map(len, groups)), 1),
-        **results[False],
-        "stemmed": results[True],
-    }))
+    print(
+        json.dumps(
+            {
+                "matrices": len(groups),
+                "texts_per_matrix": "4-16",
+                "pairs": pairs,
+                "mean_words": round(sum(len(t.split()) for g in groups for t in g) / sum(map(len, groups)), 1),
+                **results[False],
+                "stemmed": results[True],
+            }
+        )
+    )
 
 
 if __name__ == "__main__":

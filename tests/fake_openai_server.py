@@ -84,7 +84,9 @@ def _token_logprobs(text: str) -> tuple[list[str], list[float]]:
 
 def _judge_answer(prompt: str) -> str:
     instruction = prompt.split("### Instruction", 1)[-1].split("### Response 0", 1)[0]
-    responses = re.findall(r"### Response (\d+)\n(.*?)(?=\n\n### Response \d+\n|\n\nPlease work through|\Z)", prompt, re.S)
+    responses = re.findall(
+        r"### Response (\d+)\n(.*?)(?=\n\n### Response \d+\n|\n\nPlease work through|\Z)", prompt, re.S
+    )
     texts = {int(k): text.strip() for k, text in responses}
     n = len(texts)
     if "MALFORMED" in instruction:
@@ -129,14 +131,27 @@ def make_handler(state: State):
 
         def _error(self, status: int, message: str, headers=None):
             auth = self.headers.get("Authorization", "")
-            body = {"error": {"message": f"{message} (request had Authorization: {auth})", "type": "fake", "code": status}}
+            body = {
+                "error": {"message": f"{message} (request had Authorization: {auth})", "type": "fake", "code": status}
+            }
             self._send(status, body, headers)
 
         def _log(self, tag, status, temperature=None):
             path = config.get("request_log")
             if path:
                 with state.lock, open(path, "a") as f:
-                    f.write(json.dumps({"t": time.time(), "path": self.path, "tag": tag, "status": status, "temperature": temperature}) + "\n")
+                    f.write(
+                        json.dumps(
+                            {
+                                "t": time.time(),
+                                "path": self.path,
+                                "tag": tag,
+                                "status": status,
+                                "temperature": temperature,
+                            }
+                        )
+                        + "\n"
+                    )
 
         def _count(self) -> bool:
             with state.lock:
@@ -196,8 +211,15 @@ def make_handler(state: State):
                 tokens, logprobs = _token_logprobs(text)
                 completion_tokens += len(tokens)
                 if chat:
-                    choice = {"index": index, "finish_reason": "stop", "message": {"role": "assistant", "content": text}}
-                    content = [{"token": t, "logprob": lp, "bytes": None, "top_logprobs": []} for t, lp in zip(tokens, logprobs)]
+                    choice = {
+                        "index": index,
+                        "finish_reason": "stop",
+                        "message": {"role": "assistant", "content": text},
+                    }
+                    content = [
+                        {"token": t, "logprob": lp, "bytes": None, "top_logprobs": []}
+                        for t, lp in zip(tokens, logprobs)
+                    ]
                     choice["logprobs"] = {"content": content} if want_logprobs else None
                 else:
                     choice = {"index": index, "finish_reason": "stop", "text": text}

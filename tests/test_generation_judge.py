@@ -17,9 +17,22 @@ from tuna_trl.generation import (
 
 def test_prompt_has_the_required_structure():
     prompt = build_judge_prompt("Name a color.", ["Red.", "Blue {not a placeholder}", "Red."], input="Be brief.")
-    for part in ("Name a color.", "### Input\nBe brief.", "### Response 0\nRed.", "### Response 2\nRed.",
-                 "Blue {not a placeholder}", "open-ended", "close-ended", 'Response 3"', "duplicate",
-                 "Response k: [score]", "rank: [i, j, ...]", "relevance", "clarity", "0 to 15"):
+    for part in (
+        "Name a color.",
+        "### Input\nBe brief.",
+        "### Response 0\nRed.",
+        "### Response 2\nRed.",
+        "Blue {not a placeholder}",
+        "open-ended",
+        "close-ended",
+        'Response 3"',
+        "duplicate",
+        "Response k: [score]",
+        "rank: [i, j, ...]",
+        "relevance",
+        "clarity",
+        "0 to 15",
+    ):
         assert part in prompt, part
     assert "{" not in prompt.replace("{not a placeholder}", "")  # every placeholder filled
     assert "### Input" not in build_judge_prompt("Name a color.", ["Red."])
@@ -33,8 +46,10 @@ def test_prompt_template_can_be_overridden():
 
 
 def test_parse_well_formed():
-    text = "Close-ended.\nResponse 4: my answer\nResponse 0: [12]\nResponse 1: [7]\nResponse 2: [14]\nResponse 3: [3]\n" \
-           "Response 4: [15]\nrank: [4, 2, 0, 1, 3]"
+    text = (
+        "Close-ended.\nResponse 4: my answer\nResponse 0: [12]\nResponse 1: [7]\nResponse 2: [14]\nResponse 3: [3]\n"
+        "Response 4: [15]\nrank: [4, 2, 0, 1, 3]"
+    )
     verdict = parse_judge_output(text, 4)
     assert verdict.ranking == [4, 2, 0, 1, 3]
     assert verdict.model_ranking() == [2, 0, 1, 3]
@@ -96,7 +111,9 @@ def test_llm_judge_asks_at_temperature_zero_and_parses():
 
 
 def test_rule_based_judges_share_the_interface():
-    exact_then_rouge = ScoreJudge(lambda response, reference: float(response.strip() == reference) + rouge_l(reference, response))
+    exact_then_rouge = ScoreJudge(
+        lambda response, reference: float(response.strip() == reference) + rouge_l(reference, response)
+    )
     verdict = exact_then_rouge("Reverse 'a b c'.", ["c b a", "a b c", "c b a ", "c a"], reference="c b a")
     assert verdict.model_ranking() == [0, 3, 1]  # the duplicate 2 is left out
     assert verdict.scores[0] == 2.0

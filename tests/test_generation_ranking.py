@@ -67,11 +67,13 @@ def test_sample_diverse_keeps_distinct_samples_without_resampling():
 
 
 def test_sample_diverse_raises_temperature_until_a_sample_differs():
-    backend = ScriptedBackend({
-        ("p", 1.0): ["the cat sat on the mat", "the cat sat on the mat", "dogs bark loudly at night"],
-        ("p", 1.1): ["the cat sat on a mat"],  # still similar (ROUGE-L 5/6 >= 0.8)
-        ("p", 1.2): ["a bird sings"],
-    })
+    backend = ScriptedBackend(
+        {
+            ("p", 1.0): ["the cat sat on the mat", "the cat sat on the mat", "dogs bark loudly at night"],
+            ("p", 1.1): ["the cat sat on a mat"],  # still similar (ROUGE-L 5/6 >= 0.8)
+            ("p", 1.2): ["a bird sings"],
+        }
+    )
     [(samples, info)] = sample_diverse_many(backend, ["p"], n=3, tau=0.8, temperature_step=0.1, max_trials=3)
     assert [s.text for s in samples] == ["the cat sat on the mat", "a bird sings", "dogs bark loudly at night"]
     assert info == {"trials": 2, "temperatures": [1.0, 1.2, 1.0]}
@@ -79,12 +81,14 @@ def test_sample_diverse_raises_temperature_until_a_sample_differs():
 
 def test_sample_diverse_keeps_the_least_similar_trial_when_none_passes():
     first = "one two three four five"
-    backend = ScriptedBackend({
-        ("p", 1.0): [first, first],
-        ("p", 1.5): ["one two three four five six"],
-        ("p", 2.0): ["one two three four"],  # the least similar of the tried ones
-        ("p", 2.5): ["one two three four five seven"],
-    })
+    backend = ScriptedBackend(
+        {
+            ("p", 1.0): [first, first],
+            ("p", 1.5): ["one two three four five six"],
+            ("p", 2.0): ["one two three four"],  # the least similar of the tried ones
+            ("p", 2.5): ["one two three four five seven"],
+        }
+    )
     [(samples, info)] = sample_diverse_many(backend, ["p"], n=2, tau=0.5, temperature_step=0.5, max_trials=3)
     assert samples[1].text == "one two three four"
     assert rouge_l(first, samples[1].text) >= 0.5
@@ -92,19 +96,23 @@ def test_sample_diverse_keeps_the_least_similar_trial_when_none_passes():
 
 
 def test_sample_diverse_batches_prompts_into_one_call_per_round():
-    backend = ScriptedBackend({
-        ("p", 1.0): ["x y z", "x y z"],
-        ("q", 1.0): ["x y z", "x y z"],
-        ("p", 1.1): ["a b c"],
-        ("q", 1.1): ["d e f"],
-    })
+    backend = ScriptedBackend(
+        {
+            ("p", 1.0): ["x y z", "x y z"],
+            ("q", 1.0): ["x y z", "x y z"],
+            ("p", 1.1): ["a b c"],
+            ("q", 1.1): ["d e f"],
+        }
+    )
     result = sample_diverse_many(backend, ["p", "q"], n=2)
     assert [[s.text for s in samples] for samples, _ in result] == [["x y z", "a b c"], ["x y z", "d e f"]]
     assert backend.calls == [(["p", "q"], 2, 1.0), (["p", "q"], 1, 1.1)]
 
 
 def _instruction(i, reference=None):
-    return Instruction(id=i, prompt=f"prompt {i}", instruction=f"instruction {i}", input=None, reference=reference, line=i + 1)
+    return Instruction(
+        id=i, prompt=f"prompt {i}", instruction=f"instruction {i}", input=None, reference=reference, line=i + 1
+    )
 
 
 def test_probabilistic_ranker_rows():
@@ -113,7 +121,9 @@ def test_probabilistic_ranker_rows():
 
         def generate(self, prompts, n=1, temperature=1.0, max_new_tokens=256, logprobs=False):
             assert logprobs
-            return [[Sample("short", [-0.5]), Sample("   ", [-0.1]), Sample("longer one", [-0.2, -0.3])] for _ in prompts]
+            return [
+                [Sample("short", [-0.5]), Sample("   ", [-0.1]), Sample("longer one", [-0.2, -0.3])] for _ in prompts
+            ]
 
     rows = ProbabilisticRanker(Teacher(), n=3)([_instruction(0, reference="gold"), _instruction(1)])
     assert [row["completions"] for row in rows] == [["longer one", "short"]] * 2  # the empty sample dropped
@@ -123,11 +133,15 @@ def test_probabilistic_ranker_rows():
 
 
 def test_contextual_ranker_with_a_rule_based_judge():
-    backend = ScriptedBackend({
-        ("prompt 0", 1.0): ["4", "four is the answer", "5"],
-        ("prompt 1", 1.0): ["", "", ""],
-    })
-    judge = ScoreJudge(lambda response, reference: float(response == reference) + rouge_l(reference, response), name="gold")
+    backend = ScriptedBackend(
+        {
+            ("prompt 0", 1.0): ["4", "four is the answer", "5"],
+            ("prompt 1", 1.0): ["", "", ""],
+        }
+    )
+    judge = ScoreJudge(
+        lambda response, reference: float(response == reference) + rouge_l(reference, response), name="gold"
+    )
     rows = ContextualRanker(backend, judge, n=3)([_instruction(0, reference="4"), _instruction(1, reference="4")])
     assert rows[0]["completions"] == ["4", "four is the answer", "5"]  # equal scores keep the sampling order
     assert rows[0]["scores"][0] == 2.0 and rows[0]["meta"]["judge"] == "gold"

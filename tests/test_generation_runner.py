@@ -30,7 +30,11 @@ def api_key(monkeypatch, caplog):
 def _write_alpaca(path, count, special=None):
     special = special or {}
     rows = [
-        {"instruction": f"Say something about item ROW{i:03d} {special.get(i, '')}".strip(), "input": "", "output": f"gold {i}"}
+        {
+            "instruction": f"Say something about item ROW{i:03d} {special.get(i, '')}".strip(),
+            "input": "",
+            "output": f"gold {i}",
+        }
         for i in range(count)
     ]
     with open(path, "w") as f:
@@ -60,8 +64,25 @@ def test_probabilistic_with_faults_then_rerun_retries_the_failures(tmp_path, cap
         {"match": "ROW007", "times": 1, "delay": 1.5},  # times out once
         {"match": "ROW011", "times": 1, "status": 502},
     ]
-    args = ["generate", "probabilistic", "--input", data, "--output", output, "--teacher-model", "fake-model",
-            "--n", "3", "--concurrency", "4", "--max-retries", "2", "--price-per-1k-tokens", "0.5", *FAST_RETRIES]
+    args = [
+        "generate",
+        "probabilistic",
+        "--input",
+        data,
+        "--output",
+        output,
+        "--teacher-model",
+        "fake-model",
+        "--n",
+        "3",
+        "--concurrency",
+        "4",
+        "--max-retries",
+        "2",
+        "--price-per-1k-tokens",
+        "0.5",
+        *FAST_RETRIES,
+    ]
     with FakeServer({"expected_key": KEY, "faults": faults}) as server:
         code = tuna_main([*args, "--base-url", server.base_url])
     assert code == 3  # finished with failed rows
@@ -83,8 +104,14 @@ def test_probabilistic_with_faults_then_rerun_retries_the_failures(tmp_path, cap
     assert code == 0 and "1 rows written" in second.out and "(23 of 24 already done" in second.out
     assert sorted(_ids(output)) == list(range(24))
     assert read_jsonl(errors_path(output)) == [] and os.path.exists(output + ".errors.prev.jsonl")
-    _assert_no_key(output, errors_path(output), output + ".errors.prev.jsonl", first.out + first.err,
-                   second.out + second.err, caplog.text)
+    _assert_no_key(
+        output,
+        errors_path(output),
+        output + ".errors.prev.jsonl",
+        first.out + first.err,
+        second.out + second.err,
+        caplog.text,
+    )
 
     import datasets
 
@@ -97,11 +124,26 @@ def test_contextual_over_http_with_bad_judge_answers(tmp_path, capsys, caplog):
     data = _write_alpaca(tmp_path / "alpaca.jsonl", 8, special)
     output = str(tmp_path / "ranked.jsonl")
     with FakeServer({"expected_key": KEY}) as server:
-        code = generate_main([
-            "contextual", "--input", data, "--output", output, "--policy-model", server.base_url,
-            "--judge-model", "fake-judge", "--judge-base-url", server.base_url, "--n", "4", "--concurrency", "3",
-            *FAST_RETRIES,
-        ])
+        code = generate_main(
+            [
+                "contextual",
+                "--input",
+                data,
+                "--output",
+                output,
+                "--policy-model",
+                server.base_url,
+                "--judge-model",
+                "fake-judge",
+                "--judge-base-url",
+                server.base_url,
+                "--n",
+                "4",
+                "--concurrency",
+                "3",
+                *FAST_RETRIES,
+            ]
+        )
     out = capsys.readouterr()
     assert code == 3
     errors = {e["id"]: e for e in read_jsonl(errors_path(output))}
@@ -118,17 +160,45 @@ def test_contextual_over_http_with_bad_judge_answers(tmp_path, capsys, caplog):
     _assert_no_key(output, errors_path(output), out.out + out.err, caplog.text)
 
 
-def test_contextual_with_a_local_policy(tmp_path, capsys):
+@pytest.fixture
+def one_torch_thread():
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # a tiny model on a busy 2-core machine: see test_generation_transformers.py
+    yield
+    torch.set_num_threads(threads)
+
+
+def test_contextual_with_a_local_policy(tmp_path, capsys, one_torch_thread):
     from tuna_trl.tiny import save_tiny
 
     model_dir = save_tiny(str(tmp_path / "policy"))
     data = _write_alpaca(tmp_path / "alpaca.jsonl", 5)
     output = str(tmp_path / "ranked.jsonl")
     with FakeServer({"expected_key": KEY}) as server:
-        code = generate_main([
-            "contextual", "--input", data, "--output", output, "--policy-model", model_dir, "--judge-model", "judge",
-            "--judge-base-url", server.base_url, "--n", "3", "--batch-size", "6", "--max-new-tokens", "8", *FAST_RETRIES,
-        ])
+        code = generate_main(
+            [
+                "contextual",
+                "--input",
+                data,
+                "--output",
+                output,
+                "--policy-model",
+                model_dir,
+                "--judge-model",
+                "judge",
+                "--judge-base-url",
+                server.base_url,
+                "--n",
+                "3",
+                "--batch-size",
+                "6",
+                "--max-new-tokens",
+                "8",
+                *FAST_RETRIES,
+            ]
+        )
     capsys.readouterr()
     done = _ids(output) + [e["id"] for e in read_jsonl(errors_path(output))]
     assert code in (0, 3) and sorted(done) == list(range(5))
@@ -136,9 +206,28 @@ def test_contextual_with_a_local_policy(tmp_path, capsys):
 
 
 def _generator(data, output, base_url):
-    command = [sys.executable, "-m", "tuna_trl.generation.cli", "probabilistic", "--input", data, "--output", output,
-               "--teacher-model", "fake-model", "--base-url", base_url, "--concurrency", "3", "--n", "2", *FAST_RETRIES]
-    return subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    command = [
+        sys.executable,
+        "-m",
+        "tuna_trl.generation.cli",
+        "probabilistic",
+        "--input",
+        data,
+        "--output",
+        output,
+        "--teacher-model",
+        "fake-model",
+        "--base-url",
+        base_url,
+        "--concurrency",
+        "3",
+        "--n",
+        "2",
+        *FAST_RETRIES,
+    ]
+    return subprocess.Popen(
+        command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env={**os.environ, "HF_HUB_OFFLINE": "1"}
+    )
 
 
 def test_kill_9_then_rerun_gives_every_id_exactly_once(tmp_path):
@@ -170,8 +259,22 @@ def test_fatal_backend_error_stops_the_run(tmp_path, capsys):
     data = _write_alpaca(tmp_path / "alpaca.jsonl", 10)
     output = str(tmp_path / "ranked.jsonl")
     with FakeServer({"no_logprobs_match": "ROW"}) as server:
-        code = generate_main(["probabilistic", "--input", data, "--output", output, "--teacher-model", "fake-model",
-                              "--base-url", server.base_url, "--concurrency", "2", *FAST_RETRIES])
+        code = generate_main(
+            [
+                "probabilistic",
+                "--input",
+                data,
+                "--output",
+                output,
+                "--teacher-model",
+                "fake-model",
+                "--base-url",
+                server.base_url,
+                "--concurrency",
+                "2",
+                *FAST_RETRIES,
+            ]
+        )
     err = capsys.readouterr().err
     assert code == 1 and "needs the teacher's token log-probs" in err and "fake-model" in err
     assert _ids(output) == [] and read_jsonl(errors_path(output)) == []
@@ -192,10 +295,15 @@ def test_torn_last_line_is_cut_off_before_appending(tmp_path):
 
 def test_inputs_alpaca_json_prompt_rows_and_errors_with_file_and_line(tmp_path):
     alpaca = tmp_path / "alpaca.json"
-    alpaca.write_text(json.dumps([
-        {"instruction": "Add.", "input": "2 and 3", "output": "5"},
-        {"instruction": "Say hi.", "input": "", "output": "hi"},
-    ], indent=2))
+    alpaca.write_text(
+        json.dumps(
+            [
+                {"instruction": "Add.", "input": "2 and 3", "output": "5"},
+                {"instruction": "Say hi.", "input": "", "output": "hi"},
+            ],
+            indent=2,
+        )
+    )
     rows = read_instructions(str(alpaca))
     assert rows[0].prompt.endswith("### Instruction:\nAdd.\n\n### Input:\n2 and 3\n\n### Response:\n")
     assert rows[1].prompt.endswith("### Instruction:\nSay hi.\n\n### Response:\n") and rows[1].reference == "hi"
@@ -225,9 +333,32 @@ def test_inputs_alpaca_json_prompt_rows_and_errors_with_file_and_line(tmp_path):
 def test_cli_bad_input_names_file_and_line(tmp_path, capsys):
     bad = tmp_path / "bad.jsonl"
     bad.write_text('{"instruction": "ok"}\n{"instruction": \n')
-    code = generate_main(["probabilistic", "--input", str(bad), "--output", str(tmp_path / "o.jsonl"),
-                          "--teacher-model", "m", "--base-url", "http://127.0.0.1:9/v1", "--no-progress"])
+    code = generate_main(
+        [
+            "probabilistic",
+            "--input",
+            str(bad),
+            "--output",
+            str(tmp_path / "o.jsonl"),
+            "--teacher-model",
+            "m",
+            "--base-url",
+            "http://127.0.0.1:9/v1",
+            "--no-progress",
+        ]
+    )
     assert code == 2 and f"{bad}:2: not valid JSON" in capsys.readouterr().err
-    code = generate_main(["contextual", "--input", _write_alpaca(tmp_path / "a.jsonl", 1), "--output",
-                          str(tmp_path / "o.jsonl"), "--policy-model", "no/such/dir", "--judge-model", "j"])
+    code = generate_main(
+        [
+            "contextual",
+            "--input",
+            _write_alpaca(tmp_path / "a.jsonl", 1),
+            "--output",
+            str(tmp_path / "o.jsonl"),
+            "--policy-model",
+            "no/such/dir",
+            "--judge-model",
+            "j",
+        ]
+    )
     assert code == 2 and "neither a local directory nor an http(s) URL" in capsys.readouterr().err

@@ -12,6 +12,10 @@ PROMPTS = ["hello world", "the quick brown fox jumps over the lazy dog and then"
 
 @pytest.fixture(scope="module")
 def tiny():
+    # one thread: a model this small gains nothing from more, and on a busy 2-core machine OpenMP threads waiting
+    # for each other make every small matmul ~100x slower
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
     tokenizer = build_tokenizer()
     model = build_model(tokenizer).eval()
     # make EOS likely, so that some samples stop early and some run to max_new_tokens
@@ -20,6 +24,7 @@ def tiny():
     handle = model.lm_head.register_forward_hook(lambda module, inputs, output: output + bias)
     yield model, tokenizer
     handle.remove()
+    torch.set_num_threads(threads)
 
 
 def _forward_logprobs(model, tokenizer, prompt, token_ids):
@@ -74,7 +79,7 @@ def test_usage_counts_real_tokens(tiny):
     assert usage.completion_tokens == sum(len(s.token_ids) for samples in out for s in samples)
 
 
-def test_loads_a_saved_model_directory(tmp_path):
+def test_loads_a_saved_model_directory(tiny, tmp_path):
     from tuna_trl.tiny import save_tiny
 
     path = save_tiny(str(tmp_path / "tiny"))

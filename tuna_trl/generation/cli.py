@@ -15,10 +15,16 @@ EXIT_ROWS_FAILED = 3  # finished, but some rows are in the errors file: rerun to
 
 def _add_common(parser: argparse.ArgumentParser) -> None:
     group = parser.add_argument_group("input and output")
-    group.add_argument("--input", required=True, help="Alpaca-style JSON/JSONL (instruction, input, output) or rows with 'prompt'.")
+    group.add_argument(
+        "--input", required=True, help="Alpaca-style JSON/JSONL (instruction, input, output) or rows with 'prompt'."
+    )
     group.add_argument("--output", required=True, help="JSON Lines to append ranked rows to; a rerun resumes it.")
-    group.add_argument("--prompt-template", choices=["alpaca", "none"], default="alpaca",
-                       help="How Alpaca rows become prompts: the standard Alpaca prompt, or the instruction as is.")
+    group.add_argument(
+        "--prompt-template",
+        choices=["alpaca", "none"],
+        default="alpaca",
+        help="How Alpaca rows become prompts: the standard Alpaca prompt, or the instruction as is.",
+    )
     group.add_argument("--limit", type=int, default=None, help="Only the first K rows of the input.")
     group = parser.add_argument_group("sampling")
     group.add_argument("--n", type=int, default=4, help="Responses sampled per instruction.")
@@ -33,9 +39,15 @@ def _add_common(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--backoff-max", type=float, default=60.0, help="Seconds; longest backoff between retries.")
     group.add_argument("--api-key-env", default="OPENAI_API_KEY", help="Environment variable holding the API key.")
     group = parser.add_argument_group("reporting")
-    group.add_argument("--price-per-1k-tokens", type=float, default=None, help="Price per 1,000 tokens, for the cost estimate.")
-    group.add_argument("--completion-price-per-1k-tokens", type=float, default=None,
-                       help="Price per 1,000 completion tokens when it differs from --price-per-1k-tokens.")
+    group.add_argument(
+        "--price-per-1k-tokens", type=float, default=None, help="Price per 1,000 tokens, for the cost estimate."
+    )
+    group.add_argument(
+        "--completion-price-per-1k-tokens",
+        type=float,
+        default=None,
+        help="Price per 1,000 completion tokens when it differs from --price-per-1k-tokens.",
+    )
     group.add_argument("--no-progress", action="store_true", help="No progress bar.")
 
 
@@ -51,11 +63,18 @@ def add_parser(subparsers) -> None:
         "length-normalized log-likelihood sum(logp) / len ** beta.",
     )
     _add_common(parser)
-    parser.add_argument("--teacher-model", required=True,
-                        help="Model name on the endpoint, or a local model directory (run with transformers).")
+    parser.add_argument(
+        "--teacher-model",
+        required=True,
+        help="Model name on the endpoint, or a local model directory (run with transformers).",
+    )
     parser.add_argument("--base-url", default=None, help="OpenAI-compatible endpoint, e.g. http://localhost:8000/v1.")
-    parser.add_argument("--api", choices=["completions", "chat"], default="completions",
-                        help="Which endpoint to sample from; it must return token log-probs.")
+    parser.add_argument(
+        "--api",
+        choices=["completions", "chat"],
+        default="completions",
+        help="Which endpoint to sample from; it must return token log-probs.",
+    )
     parser.add_argument("--beta", type=float, default=1.3, help="Length-normalization exponent.")
     parser.set_defaults(func=run_probabilistic)
 
@@ -65,20 +84,37 @@ def add_parser(subparsers) -> None:
         description="Sample --n diverse responses per instruction from the policy and have a judge model rank them.",
     )
     _add_common(parser)
-    parser.add_argument("--policy-model", required=True,
-                        help="Local model directory (run with transformers) or http(s) URL of an OpenAI-compatible endpoint.")
-    parser.add_argument("--policy-name", default=None,
-                        help="Model name on the --policy-model endpoint (default: the only model it serves).")
-    parser.add_argument("--policy-api", choices=["completions", "chat"], default="completions",
-                        help="Endpoint for the policy's samples.")
-    parser.add_argument("--judge-model", required=True,
-                        help="Judge model name on the endpoint, or a local model directory.")
+    parser.add_argument(
+        "--policy-model",
+        required=True,
+        help="Local model directory (run with transformers) or http(s) URL of an OpenAI-compatible endpoint.",
+    )
+    parser.add_argument(
+        "--policy-name",
+        default=None,
+        help="Model name on the --policy-model endpoint (default: the only model it serves).",
+    )
+    parser.add_argument(
+        "--policy-api",
+        choices=["completions", "chat"],
+        default="completions",
+        help="Endpoint for the policy's samples.",
+    )
+    parser.add_argument(
+        "--judge-model", required=True, help="Judge model name on the endpoint, or a local model directory."
+    )
     parser.add_argument("--judge-base-url", default=None, help="OpenAI-compatible endpoint of the judge.")
     parser.add_argument("--judge-api", choices=["completions", "chat"], default="chat", help="Endpoint for the judge.")
-    parser.add_argument("--judge-template", default=None, help="A file replacing the judge prompt (see docs/generation.md).")
+    parser.add_argument(
+        "--judge-template", default=None, help="A file replacing the judge prompt (see docs/generation.md)."
+    )
     parser.add_argument("--judge-max-new-tokens", type=int, default=2048, help="Longest judge answer, in tokens.")
-    parser.add_argument("--tau", type=float, default=0.8, help="Resample a response whose ROUGE-L with a kept one is >= tau.")
-    parser.add_argument("--temperature-step", type=float, default=0.1, help="Temperature increase per resampling trial.")
+    parser.add_argument(
+        "--tau", type=float, default=0.8, help="Resample a response whose ROUGE-L with a kept one is >= tau."
+    )
+    parser.add_argument(
+        "--temperature-step", type=float, default=0.1, help="Temperature increase per resampling trial."
+    )
     parser.add_argument("--max-trials", type=int, default=3, help="Resampling trials per response.")
     parser.set_defaults(func=run_contextual)
 
@@ -197,7 +233,9 @@ def run_probabilistic(args) -> int:
 
     instructions = _read(args)  # bad input fails before a model is loaded
     teacher = _backend(args, args.teacher_model, args.base_url, args.api)
-    ranker = ProbabilisticRanker(teacher, n=args.n, temperature=args.temperature, max_new_tokens=args.max_new_tokens, beta=args.beta)
+    ranker = ProbabilisticRanker(
+        teacher, n=args.n, temperature=args.temperature, max_new_tokens=args.max_new_tokens, beta=args.beta
+    )
     return _run(args, instructions, ranker, teacher, "probabilistic", [teacher])
 
 
@@ -212,7 +250,10 @@ def run_contextual(args) -> int:
     elif os.path.isdir(args.policy_model):
         policy = _local_backend(args, args.policy_model)
     else:
-        print(f"error: --policy-model {args.policy_model!r} is neither a local directory nor an http(s) URL", file=sys.stderr)
+        print(
+            f"error: --policy-model {args.policy_model!r} is neither a local directory nor an http(s) URL",
+            file=sys.stderr,
+        )
         return 2
     template = None
     if args.judge_template:

@@ -49,7 +49,9 @@ class ResumableJsonl:
         if discarded:
             with open(self.path, "r+b") as f:
                 f.truncate(keep)
-            logger.warning("%s: discarded a torn last line (%d bytes) left by an interrupted run", self.path, discarded)
+            logger.warning(
+                "%s: discarded a torn last line (%d bytes) left by an interrupted run", self.path, discarded
+            )
         for number, line in enumerate(data[:keep].splitlines(), start=1):
             if not line.strip():
                 continue

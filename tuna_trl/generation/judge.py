@@ -184,7 +184,9 @@ class ScoreJudge:
     [0, 2, 1]
     """
 
-    def __init__(self, score_fn: Callable[[str, str | None], float], name: str | None = None, drop_duplicates: bool = True):
+    def __init__(
+        self, score_fn: Callable[[str, str | None], float], name: str | None = None, drop_duplicates: bool = True
+    ):
         self.score_fn = score_fn
         self.drop_duplicates = drop_duplicates
         self.name = name or getattr(score_fn, "__name__", type(score_fn).__name__)

@@ -196,7 +196,12 @@ class OpenAIBackend:
     # -- requests --------------------------------------------------------------------------------------------------
 
     def generate(
-        self, prompts: list[str], n: int = 1, temperature: float = 1.0, max_new_tokens: int = 256, logprobs: bool = False
+        self,
+        prompts: list[str],
+        n: int = 1,
+        temperature: float = 1.0,
+        max_new_tokens: int = 256,
+        logprobs: bool = False,
     ) -> list[list[Sample]]:
         """`n` samples per prompt, one request per prompt, up to `max_concurrency` requests in flight.
 
@@ -291,10 +296,16 @@ class OpenAIBackend:
         status = getattr(error, "status_code", None)
         where = f"{self.endpoint} (model {self.model!r})"
         if status in _FATAL_STATUS:
-            hint = {401: "check the API key variable", 403: "the key may lack access", 404: "check --base-url and the model name"}
+            hint = {
+                401: "check the API key variable",
+                403: "the key may lack access",
+                404: "check --base-url and the model name",
+            }
             return BackendConfigError(f"{_describe(error)} from {where}: {hint[status]}.", status_code=status)
         retried = " after retries" if _is_retryable(error) else ""
-        return BackendError(f"{_describe(error)} from {where}{retried}: {redact(str(error))[:500]}", status_code=status)
+        return BackendError(
+            f"{_describe(error)} from {where}{retried}: {redact(str(error))[:500]}", status_code=status
+        )
 
 
 def _describe(error: BaseException) -> str:

@@ -42,7 +42,9 @@ class ProbabilisticRanker:
     """Sample `n` responses from a teacher and rank them by the teacher's own length-normalized log-likelihood
     (`probabilistic_rank`); `scores` holds each completion's score."""
 
-    def __init__(self, teacher: Backend, n: int = 4, temperature: float = 1.0, max_new_tokens: int = 256, beta: float = 1.3):
+    def __init__(
+        self, teacher: Backend, n: int = 4, temperature: float = 1.0, max_new_tokens: int = 256, beta: float = 1.3
+    ):
         self.teacher = teacher
         self.n = n
         self.temperature = temperature
@@ -136,7 +138,9 @@ class ContextualRanker:
         responses = [samples[k].text for k in kept]
         with track_usage() as judge_usage:
             try:
-                verdict = self.judge(instruction.instruction, responses, input=instruction.input, reference=instruction.reference)
+                verdict = self.judge(
+                    instruction.instruction, responses, input=instruction.input, reference=instruction.reference
+                )
             except JudgeParseError as err:
                 return RowFailure("judge", err.reason, raw=err.raw)
             except BackendConfigError:
@@ -148,7 +152,9 @@ class ContextualRanker:
             ["a repeated index"] if len(set(order)) != len(order) else []
         )
         if invalid:
-            return RowFailure("judge", f"the judge's ranking {order} has {invalid[0]!r}, not a response index", raw=verdict.raw)
+            return RowFailure(
+                "judge", f"the judge's ranking {order} has {invalid[0]!r}, not a response index", raw=verdict.raw
+            )
         if not order:
             return RowFailure("judge", "the judge ranked none of the policy's responses", raw=verdict.raw)
         meta = {

@@ -56,7 +56,10 @@ def sample_diverse_many(
     info = [{"trials": 0, "temperatures": []} for _ in prompts]
     for slot in range(n):
         # per prompt: the candidates tried for this slot as (similarity to the kept ones, temperature, sample)
-        tried = {p: [(_max_similarity(first[p][slot].text, kept[p]), temperature, first[p][slot])] for p in range(len(prompts))}
+        tried = {
+            p: [(_max_similarity(first[p][slot].text, kept[p]), temperature, first[p][slot])]
+            for p in range(len(prompts))
+        }
         pending = [p for p in tried if tried[p][0][0] >= tau]
         for trial in range(1, max_trials + 1):
             if not pending:
@@ -99,6 +102,6 @@ def sample_diverse(
     starts again from `temperature`), at most `max_trials` times; when no trial passes, the least similar of the
     tried samples (the first one included) is kept.
     """
-    return sample_diverse_many(
-        backend, [prompt], n, temperature, tau, temperature_step, max_trials, max_new_tokens
-    )[0][0]
+    return sample_diverse_many(backend, [prompt], n, temperature, tau, temperature_step, max_trials, max_new_tokens)[
+        0
+    ][0]

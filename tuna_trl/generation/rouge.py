@@ -24,7 +24,7 @@ class _CachedPorterStemmer:
         self.stem = functools.lru_cache(maxsize=200_000)(porter.PorterStemmer().stem)
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _stemmer(use_stemmer: bool):
     return _CachedPorterStemmer() if use_stemmer else None
 

@@ -39,19 +39,23 @@ class RunSummary:
     errors_file: str
 
     def format(self) -> str:
+        written = f"{self.written} rows written to {self.output} in {self.seconds:.1f}s"
+        already = f"({self.skipped} of {self.total} already done before this run)"
+        failed = f"{self.errors} rows failed" + (f": see {self.errors_file} (a rerun retries them)" if self.errors else "")
+        tokens = self.prompt_tokens + self.completion_tokens
         lines = [
-            f"{self.written} rows written to {self.output} in {self.seconds:.1f}s "
-            f"({self.skipped} of {self.total} already done before this run)",
-            f"{self.errors} rows failed" + (f": see {self.errors_file} (a rerun retries them)" if self.errors else ""),
-            f"tokens: {self.prompt_tokens} prompt + {self.completion_tokens} completion = "
-            f"{self.prompt_tokens + self.completion_tokens}",
+            f"{written} {already}",
+            failed,
+            f"tokens: {self.prompt_tokens} prompt + {self.completion_tokens} completion = {tokens}",
         ]
         if self.cost is not None:
             lines.append(f"estimated cost: {self.cost:.4f} (at the given price per 1K tokens)")
         return "\n".join(lines)
 
 
-def estimate_cost(usage: Usage, price_per_1k: float | None, completion_price_per_1k: float | None = None) -> float | None:
+def estimate_cost(
+    usage: Usage, price_per_1k: float | None, completion_price_per_1k: float | None = None
+) -> float | None:
     """Cost of `usage` at `price_per_1k` per 1,000 tokens (completion tokens at `completion_price_per_1k` when
     given); None when no price is given."""
     if price_per_1k is None and completion_price_per_1k is None:
@@ -119,7 +123,12 @@ def run_ranker(
     def record(chunk, results):
         for instruction, result in zip(chunk, results):
             if isinstance(result, RowFailure):
-                failure = {"id": instruction.id, "line": instruction.line, "stage": result.stage, "reason": redact(result.reason)}
+                failure = {
+                    "id": instruction.id,
+                    "line": instruction.line,
+                    "stage": result.stage,
+                    "reason": redact(result.reason),
+                }
                 if result.raw is not None:
                     failure["raw"] = redact(result.raw)
                 errors.write(failure)

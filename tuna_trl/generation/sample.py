@@ -38,7 +38,12 @@ class Backend(Protocol):
     name: str
 
     def generate(
-        self, prompts: list[str], n: int = 1, temperature: float = 1.0, max_new_tokens: int = 256, logprobs: bool = False
+        self,
+        prompts: list[str],
+        n: int = 1,
+        temperature: float = 1.0,
+        max_new_tokens: int = 256,
+        logprobs: bool = False,
     ) -> list[list[Sample]]: ...
 
 

@@ -48,6 +48,8 @@ class TransformersBackend:
             tokenizer = AutoTokenizer.from_pretrained(
                 model_or_path if isinstance(model_or_path, str) else model.config.name_or_path
             )
+        if tokenizer.pad_token is None:  # batching needs one; masked out, so any token will do
+            tokenizer.pad_token = tokenizer.eos_token
         self.model = model.eval()
         self.tokenizer = tokenizer
         self.device = torch.device(device)
@@ -64,7 +66,12 @@ class TransformersBackend:
         self._lock = threading.Lock()
 
     def generate(
-        self, prompts: list[str], n: int = 1, temperature: float = 1.0, max_new_tokens: int = 256, logprobs: bool = False
+        self,
+        prompts: list[str],
+        n: int = 1,
+        temperature: float = 1.0,
+        max_new_tokens: int = 256,
+        logprobs: bool = False,
     ) -> list[list[Sample]]:
         """`n` samples for each prompt (temperature 0 = greedy), in chunks of `batch_size` sequences."""
         rows = [prompt for prompt in prompts for _ in range(n)]
@@ -84,9 +91,11 @@ class TransformersBackend:
 
         enc = self.tokenizer(texts, return_tensors="pt", padding=True, padding_side="left").to(self.device)
         enc.pop("token_type_ids", None)
-        sampling = {"do_sample": True, "temperature": temperature, **self.generation_kwargs} if temperature > 0 else {
-            "do_sample": False
-        }
+        sampling = (
+            {"do_sample": True, "temperature": temperature, **self.generation_kwargs}
+            if temperature > 0
+            else {"do_sample": False}
+        )
         with torch.no_grad():
             sequences = self.model.generate(
                 **enc, max_new_tokens=max_new_tokens, pad_token_id=self.pad_token_id, **sampling
@@ -101,7 +110,9 @@ class TransformersBackend:
         first_eos = torch.where(ended, is_eos.int().argmax(dim=1), completion_ids.shape[1])
         lengths = torch.where(ended, first_eos + 1, first_eos)
         token_logprobs = (
-            self._sampled_logprobs(enc["input_ids"], enc["attention_mask"], completion_ids, lengths) if logprobs else None
+            self._sampled_logprobs(enc["input_ids"], enc["attention_mask"], completion_ids, lengths)
+            if logprobs
+            else None
         )
         samples = []
         for row in range(len(texts)):
@@ -115,9 +126,7 @@ class TransformersBackend:
                     token_ids=ids,
                 )
             )
-        record_usage(
-            (self.usage, *current_usage_scopes()), int(enc["attention_mask"].sum()), int(lengths.sum())
-        )
+        record_usage((self.usage, *current_usage_scopes()), int(enc["attention_mask"].sum()), int(lengths.sum()))
         return samples
 
     def _sampled_logprobs(self, prompt_ids, prompt_mask, completion_ids, lengths) -> list[list[float]]:
@@ -125,7 +134,9 @@ class TransformersBackend:
         import torch
 
         steps = completion_ids.shape[1]
-        completion_mask = (torch.arange(steps, device=lengths.device)[None, :] < lengths[:, None]).to(prompt_mask.dtype)
+        completion_mask = (torch.arange(steps, device=lengths.device)[None, :] < lengths[:, None]).to(
+            prompt_mask.dtype
+        )
         input_ids = torch.cat([prompt_ids, completion_ids], dim=1)
         attention_mask = torch.cat([prompt_mask, completion_mask], dim=1)
         # positions as `generate` numbers them under left padding: counting real tokens only

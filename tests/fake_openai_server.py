@@ -12,7 +12,8 @@ Config keys (all optional):
         (every request when absent), to the first `times` of them (default: all), and does any of:
         `delay` (seconds before answering), `status` (answer with this error), `retry_after` (Retry-After header).
     no_logprobs_match: prompts containing it get no log-probs.
-    request_log: a file receiving one JSON line per request (time, path, tag, status, temperature).
+    request_log: a file receiving one JSON line per answered request (arrival `start` and answer `t` times,
+        path, tag, status, temperature).
 Judge prompts (containing "### Response 0") get a judge answer ranking responses by length, longest first,
 with exact duplicates left out and the judge's own answer first; an instruction containing MALFORMED gets an
 answer with no ranking, ECHO an answer that first repeats the "rank: [i, j, ...]" format line, OUTOFRANGE a
@@ -143,6 +144,7 @@ def make_handler(state: State):
                     f.write(
                         json.dumps(
                             {
+                                "start": self.started,
                                 "t": time.time(),
                                 "path": self.path,
                                 "tag": tag,
@@ -168,6 +170,7 @@ def make_handler(state: State):
             self._error(404, f"no route {self.path}")
 
         def do_POST(self):
+            self.started = time.time()
             within_budget = self._count()
             length = int(self.headers.get("Content-Length", 0))
             request = json.loads(self.rfile.read(length) or b"{}")

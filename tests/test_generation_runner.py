@@ -231,10 +231,10 @@ def _generator(data, output, base_url):
 
 
 def test_kill_9_then_rerun_gives_every_id_exactly_once(tmp_path):
-    count = 60
+    count = 80
     data = _write_alpaca(tmp_path / "alpaca.jsonl", count)
     output = str(tmp_path / "ranked.jsonl")
-    with FakeServer({"expected_key": KEY, "faults": [{"delay": 0.03}]}) as server:
+    with FakeServer({"expected_key": KEY, "faults": [{"delay": 0.05}]}) as server:
         for kill_after in (8, 25):
             process = _generator(data, output, server.base_url)
             deadline = time.monotonic() + 60
@@ -245,7 +245,7 @@ def test_kill_9_then_rerun_gives_every_id_exactly_once(tmp_path):
             assert process.returncode == -signal.SIGKILL
         assert 25 <= len(_ids(output)) < count
         with open(output, "a") as f:  # as if the kill had landed in the middle of a write
-            f.write('{"id": 59, "prompt": "torn')
+            f.write('{"id": 79, "prompt": "torn')
         process = _generator(data, output, server.base_url)
         stdout, stderr = process.communicate(timeout=120)
     assert process.returncode == 0, stderr.decode()[-2000:]

@@ -247,17 +247,19 @@ class OpenAIBackend:
         return self._samples(response, logprobs)
 
     async def _request(self, prompt, n, temperature, max_new_tokens, logprobs):
-        common = dict(model=self.model, n=n, temperature=temperature, extra_body=self.extra_body)
+        # optional fields are left out rather than sent as null, which some servers reject
+        common = {"model": self.model, "n": n, "temperature": temperature}
+        if self.extra_body:
+            common["extra_body"] = self.extra_body
         if self.api == "completions":
-            return await self._client.completions.create(
-                prompt=prompt, max_tokens=max_new_tokens, logprobs=1 if logprobs else None, **common
-            )
-        return await self._client.chat.completions.create(
-            messages=[{"role": "user", "content": prompt}],
-            max_tokens=max_new_tokens,
-            logprobs=True if logprobs else None,
-            **common,
-        )
+            if logprobs:
+                common["logprobs"] = 1  # the sampled token's log-prob comes with the top-1 list
+            return await self._client.completions.create(prompt=prompt, max_tokens=max_new_tokens, **common)
+        if logprobs:
+            common["logprobs"] = True
+        # api.openai.com has deprecated `max_tokens` for chat (reasoning models refuse it); other servers know it best
+        common["max_completion_tokens" if self.base_url is None else "max_tokens"] = max_new_tokens
+        return await self._client.chat.completions.create(messages=[{"role": "user", "content": prompt}], **common)
 
     def _samples(self, response, logprobs: bool) -> list[Sample]:
         samples = []

@@ -15,7 +15,7 @@ Both compute the same loss (ranking loss + NLL of the best completion) with the 
 outside the timed region, as a `DataLoader` worker would. Times: the median of `--reps` interleaved repetitions after
 one warm-up each, in this process, so that load from other processes hits both variants alike.
 
-Peak memory: each variant runs again in a fresh subprocess, which builds the model and the batch, does a small
+Peak memory: each variant runs again in a fresh subprocess (the two at once), which builds the model and the batch, does a small
 warm-up step (thread pools, oneDNN, gradient buffers), then resets the kernel's peak-RSS counter
 (`/proc/self/clear_refs`) and reports peak RSS minus RSS just before one full step. RSS is what the step really
 costs the machine (allocator overhead included); a fresh process per variant keeps one variant's freed-but-cached
@@ -29,6 +29,7 @@ computes, if the prompt were computed once and no padding were computed at all.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import math
 import os
@@ -164,12 +165,13 @@ def setup(variant, args, workdir):
     return model, trainer.data_collator, lambda batch: trainer.compute_loss(model, batch)
 
 
-def step(model, loss, batch) -> float:
-    """Seconds of one forward + backward (the gradient buffers are kept, as in a training loop)."""
+def step(model, loss, batch) -> tuple[float, float]:
+    """(seconds, loss) of one forward + backward; the gradient buffers are kept, as in a training loop."""
     model.zero_grad(set_to_none=False)
     start = time.perf_counter()
-    loss(batch).backward()
-    return time.perf_counter() - start
+    value = loss(batch)
+    value.backward()
+    return time.perf_counter() - start, value.item()
 
 
 def _rss_kb(field: str) -> int | None:
@@ -188,7 +190,7 @@ def _warmup_args(args):
     return argparse.Namespace(**{**vars(args), "examples": 2, "length_scale": 0.05})
 
 
-def child(args) -> None:
+def child(args) -> dict:
     """Peak memory of one full step of `args.child`, in MiB above what the process holds just before it."""
     with tempfile.TemporaryDirectory() as workdir:
         model, collate, loss = setup(args.child, args, workdir)
@@ -207,25 +209,42 @@ def child(args) -> None:
         else:
             maxrss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
             peak_kb = (maxrss // 1024 if sys.platform == "darwin" else maxrss) - (before_kb or 0)
-    print(json.dumps({"peak_mb": peak_kb / 1024, "method": "VmHWM" if reset else "ru_maxrss"}))
+    return {"peak_mb": peak_kb / 1024, "method": "VmHWM" if reset else "ru_maxrss"}
 
 
-def peak_mb(variant, args) -> float:
-    cmd = [sys.executable, os.path.abspath(__file__), "--child", variant]
+def peak_mb(args) -> dict[str, float]:
+    """{variant: peak MiB}, each measured by `child` in a fresh process. The two run at once: RSS is per process,
+    so they cannot disturb each other's figure, and the wall time halves."""
+    cmd = [sys.executable, os.path.abspath(__file__)]
     for key in ("examples", "completions", "layers", "hidden", "vocab", "length_scale", "seed", "threads"):
         value = getattr(args, key)
         if value is not None:
             cmd += [f"--{key.replace('_', '-')}", str(value)]
-    out = subprocess.run(cmd, check=True, capture_output=True, text=True).stdout
-    return json.loads(out.strip().splitlines()[-1])["peak_mb"]
+    procs = {
+        v: subprocess.Popen(cmd + ["--child", v], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        for v in ("baseline", "tuna")
+    }
+    peaks = {}
+    for variant, proc in procs.items():
+        out, err = proc.communicate()
+        if proc.returncode:
+            raise RuntimeError(f"the {variant} memory run failed (exit {proc.returncode}):\n{err[-4000:]}")
+        peaks[variant] = json.loads(out.strip().splitlines()[-1])["peak_mb"]
+    return peaks
 
 
 def main(argv=None) -> dict:
     args = parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
-    if args.child:
-        return child(args)
+    # stdout carries the one JSON line: library chatter (e.g. DeepSpeed's accelerator notice) goes to stderr
+    with contextlib.redirect_stdout(sys.stderr):
+        result = child(args) if args.child else measure(args)
+    print(json.dumps({k: float(f"{v:.4g}") if isinstance(v, float) else v for k, v in result.items()}))
+    return result
+
+
+def measure(args) -> dict:
 
     features = make_features(args)
     with tempfile.TemporaryDirectory() as workdir:
@@ -239,25 +258,26 @@ def main(argv=None) -> dict:
         tuna_collate_s = time.perf_counter() - start
         warmup = make_features(_warmup_args(args))
         step(base_model, base_loss, base_collate(warmup)), step(tuna_model, tuna_loss, tuna_collate(warmup))
-        base_times, tuna_times = [], []
+        base, tuna = [], []
         for _ in range(args.reps):  # interleaved, so that load from other processes hits both alike
-            base_times.append(step(base_model, base_loss, base_batch))
-            tuna_times.append(step(tuna_model, tuna_loss, tuna_batch))
+            base.append(step(base_model, base_loss, base_batch))
+            tuna.append(step(tuna_model, tuna_loss, tuna_batch))
         del base_model, base_loss, tuna_model, tuna_loss
 
     unique = sum(len(f["prompt_ids"]) + sum(map(len, f["completion_ids"])) for f in features)
     padded = base_batch["input_ids"].numel()
     result = {
-        "baseline_s": statistics.median(base_times),
-        "tuna_s": statistics.median(tuna_times),
+        "baseline_s": statistics.median(t for t, _ in base),
+        "tuna_s": statistics.median(t for t, _ in tuna),
     }
     result["speedup"] = result["baseline_s"] / result["tuna_s"]
     if not args.no_memory:
-        result["baseline_peak_mb"] = peak_mb("baseline", args)
-        result["tuna_peak_mb"] = peak_mb("tuna", args)
+        peaks = peak_mb(args)
+        result["baseline_peak_mb"], result["tuna_peak_mb"] = peaks["baseline"], peaks["tuna"]
         result["memory_ratio"] = result["tuna_peak_mb"] / result["baseline_peak_mb"]
     result.update(
         ideal_speedup=padded / unique,
+        loss_abs_diff=abs(base[-1][1] - tuna[-1][1]),  # both variants compute the same loss
         padded_tokens=padded,
         unique_tokens=unique,
         tuna_tokens=tuna_batch["input_ids"].numel(),
@@ -267,7 +287,6 @@ def main(argv=None) -> dict:
         reps=args.reps,
         threads=torch.get_num_threads(),
     )
-    print(json.dumps({k: round(v, 4) if isinstance(v, float) else v for k, v in result.items()}))
     return result
 
 

@@ -51,28 +51,28 @@ def loss_v_grads(trainer, model, batch):
 
 
 @pytest.mark.parametrize("attn", ["sdpa", "eager"])
-@pytest.mark.parametrize("mle_target", ["reference", "all"])
-def test_packed_equals_padded(tmp_path, tok, attn, mle_target):
+def test_packed_equals_padded(tmp_path, tok, attn):
     model = tiny_model(tok, attn)
-    args = TunaConfig(output_dir=str(tmp_path), use_cpu=True, report_to=[], mle_target=mle_target, margin=0.05)
+    args = TunaConfig(output_dir=str(tmp_path), use_cpu=True, report_to=[], margin=0.05)
     trainer = TunaRankTrainer(model, args=args, processing_class=tok)
     default = trainer.data_collator
     assert default.padding_free, f"{attn} attention should default to the prefix-shared layout"
     assert default.mask_dtype == (torch.float32 if attn == "eager" else torch.bool)
     features = random_features(len(tok), seed=len(attn))
 
-    padded = dataclasses.replace(default, padding_free=False)
-    want_loss, want_v, want_grads = loss_v_grads(trainer, model, padded(features))
-    assert want_v.shape == (5, 4)
-    for side in ("right", "left"):
-        collator = dataclasses.replace(default, padding_side=side, pad_to_multiple_of=8)
-        batch = collator(features)
-        assert batch["attention_mask"].shape[:2] == (len(features), 1)  # one row per example
-        loss, v, grads = loss_v_grads(trainer, model, batch)
-        torch.testing.assert_close(v, want_v, **TOL)
-        torch.testing.assert_close(loss, want_loss, **TOL)
-        for name, grad in grads.items():
-            torch.testing.assert_close(grad, want_grads[name], **TOL, msg=lambda m: f"{name} ({side}): {m}")
+    for mle_target in ("reference", "all"):
+        padded = dataclasses.replace(default, padding_free=False, mle_target=mle_target)
+        want_loss, want_v, want_grads = loss_v_grads(trainer, model, padded(features))
+        assert want_v.shape == (5, 4)
+        for side in ("right", "left"):
+            collator = dataclasses.replace(default, mle_target=mle_target, padding_side=side, pad_to_multiple_of=8)
+            batch = collator(features)
+            assert batch["attention_mask"].shape[:2] == (len(features), 1)  # one row per example
+            loss, v, grads = loss_v_grads(trainer, model, batch)
+            torch.testing.assert_close(v, want_v, **TOL)
+            torch.testing.assert_close(loss, want_loss, **TOL)
+            for name, grad in grads.items():
+                torch.testing.assert_close(grad, want_grads[name], **TOL, msg=lambda m: f"{name} {side}: {m}")
 
 
 def test_logits_only_at_targets_match_full_logits(tok, monkeypatch):
@@ -107,27 +107,37 @@ def test_models_without_a_logits_mask_are_not_given_one():
     assert not takes_logits_mask(torch.nn.Linear(2, 2))
 
 
+@pytest.mark.parametrize("overwrite", [False, True])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("chunk_size", [1, 3, 1024])
-def test_selective_log_softmax_with_shared_rows(dtype, chunk_size):
+def test_selective_log_softmax_with_shared_rows(dtype, chunk_size, overwrite):
     torch.manual_seed(0)
-    logits = (torch.randn(6, 11) * 3).to(dtype).requires_grad_()
+    leaf = (torch.randn(6, 11) * 3).to(dtype).requires_grad_()
+    logits = leaf * 1  # a non-leaf, as a model's output is
     rows = torch.tensor([0, 0, 0, 2, 3, 3, 5, 1])  # several targets may read one row; row 4 is read by none
     targets = torch.randint(0, 11, (8,))
     weight = torch.randn(8)
 
-    got = selective_log_softmax(logits, targets, chunk_size, rows)
-    (grad,) = torch.autograd.grad((got * weight).sum(), logits)
-
-    exact = logits.detach().double().requires_grad_()
+    exact = leaf.detach().double().requires_grad_()
     want = torch.log_softmax(exact, -1)[rows, targets]
     (want_grad,) = torch.autograd.grad((want * weight.double()).sum(), exact)
-    assert got.dtype == torch.float32
+
+    got = selective_log_softmax(logits, targets, chunk_size, rows, overwrite_logits=overwrite)
+    (grad,) = torch.autograd.grad((got * weight).sum(), leaf)
+    assert got.dtype == torch.float32 and grad.dtype == dtype
     tol = TOL if dtype == torch.float32 else dict(atol=2e-2, rtol=2e-2)
     torch.testing.assert_close(got.double(), want, **tol)
-    assert grad.dtype == dtype
     torch.testing.assert_close(grad.double(), want_grad, **tol)
     assert torch.all(grad[4] == 0)
+    assert torch.equal(logits, leaf * 1) != overwrite  # left alone unless asked to overwrite
+
+
+def test_overwritten_logits_needed_elsewhere_raise_instead_of_corrupting():
+    logits = torch.randn(3, 5, requires_grad=True) * 1
+    other = (logits**2).sum()  # PowBackward saves `logits`
+    got = selective_log_softmax(logits, torch.tensor([0, 1, 2]), overwrite_logits=True)
+    with pytest.raises(RuntimeError, match="inplace"):
+        (got.sum() + other).backward()
 
 
 def test_selective_log_softmax_gradcheck():

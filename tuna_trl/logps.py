@@ -5,7 +5,8 @@ Two things keep this step close to the work the target tokens need:
 * the model projects onto the vocabulary only the hidden states that predict a target (`logits_to_keep`, a
   (rows, length) bool mask, when the model takes one), not every prompt and padding position;
 * `selective_log_softmax` computes log p(target) from those logits in chunks of rows, in float32, and its backward
-  recomputes the softmax per chunk: a (tokens x vocabulary) float32 log-softmax of the whole batch never exists.
+  recomputes the softmax per chunk, writing the gradient over the logits: a (tokens x vocabulary) float32
+  log-softmax of the whole batch never exists, and the logits' gradient takes no memory of its own.
 
 The model is still called through its top-level `forward`, so DDP, DeepSpeed ZeRO-3 and PEFT hooks run as usual.
 """
@@ -16,40 +17,45 @@ import inspect
 import sys
 
 import torch
+from torch.autograd.function import once_differentiable
 
 
 class _SelectiveLogSoftmax(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, logits, targets, rows, chunk_size):
+    def forward(ctx, logits, targets, rows, chunk_size, overwrite_logits):
         dtype = torch.promote_types(logits.dtype, torch.float32)  # float32, or float64 for float64 logits
         lse = torch.empty(logits.shape[0], dtype=dtype, device=logits.device)
         for start in range(0, logits.shape[0], chunk_size):
             lse[start : start + chunk_size] = logits[start : start + chunk_size].to(dtype).logsumexp(-1)
         out = logits[rows, targets].to(dtype) - lse[rows]
         ctx.save_for_backward(logits, targets, rows, lse)
-        ctx.chunk_size = chunk_size
+        ctx.chunk_size, ctx.overwrite_logits = chunk_size, overwrite_logits
         return out
 
     @staticmethod
+    @once_differentiable
     def backward(ctx, grad_out):
         logits, targets, rows, lse = ctx.saved_tensors
-        # d log p(y_m) / d logits[r] = onehot(y_m) - softmax(logits[r]) for every target m read from row r
+        # d log p(y_m) / d logits[r] = onehot(y_m) - softmax(logits[r]), summed over the targets m read from row r
         weight = torch.zeros_like(lse).index_add_(0, rows, grad_out.to(lse.dtype))
-        grad = torch.empty_like(logits)
+        grad = logits if ctx.overwrite_logits else torch.empty_like(logits)
         for start in range(0, logits.shape[0], ctx.chunk_size):
             end = start + ctx.chunk_size
-            if logits.dtype == lse.dtype:  # work in the gradient's own memory: no chunk-sized temporary
-                chunk = torch.sub(logits[start:end], lse[start:end, None], out=grad[start:end])
-                chunk.exp_().mul_(-weight[start:end, None])
-            else:
-                chunk = logits[start:end].to(lse.dtype) - lse[start:end, None]
-                grad[start:end] = chunk.exp_().mul_(-weight[start:end, None])
+            chunk = grad[start:end]
+            if chunk.dtype == lse.dtype:
+                torch.sub(logits[start:end], lse[start:end, None], out=chunk).exp_().mul_(-weight[start:end, None])
+            else:  # low-precision logits: the softmax in float32, rounded once
+                chunk.copy_((logits[start:end].to(lse.dtype) - lse[start:end, None]).exp_().mul_(-weight[start:end, None]))
         grad.index_put_((rows, targets), grad_out.to(grad.dtype), accumulate=True)
-        return grad, None, None, None
+        return grad, None, None, None, None
 
 
 def selective_log_softmax(
-    logits: torch.Tensor, targets: torch.Tensor, chunk_size: int = 1024, rows: torch.Tensor | None = None
+    logits: torch.Tensor,
+    targets: torch.Tensor,
+    chunk_size: int = 1024,
+    rows: torch.Tensor | None = None,
+    overwrite_logits: bool = False,
 ) -> torch.Tensor:
     """log softmax(logits[rows[m]])[targets[m]] for each target m.
 
@@ -57,7 +63,11 @@ def selective_log_softmax(
         logits: (U, V) any float dtype.
         targets: (M,) long, token ids.
         chunk_size: logit rows converted to float32 at once (forward and backward).
-        rows: (M,) long, the logit row of each target (several targets may share one row); default `arange(U)`.
+        rows: (M,) long, the logit row of each target (several targets may share one row); default `arange(M)`.
+        overwrite_logits: the backward writes the logits' gradient over `logits` instead of new memory. Only for
+            logits that nothing reads after the backward (the output of a forward made for this call): it halves the
+            peak memory of this step. Were they saved by another autograd node, that node's backward would raise
+            autograd's "modified by an inplace operation" error rather than use wrong values.
 
     Returns:
         (M,) float32 log-probabilities (float64 for float64 logits).
@@ -67,7 +77,7 @@ def selective_log_softmax(
     if targets.shape[0] == 0:
         out = logits.new_zeros(0, dtype=torch.promote_types(logits.dtype, torch.float32))
         return out + logits.sum() * 0  # keep the graph connected
-    return _SelectiveLogSoftmax.apply(logits, targets, rows, max(int(chunk_size), 1))
+    return _SelectiveLogSoftmax.apply(logits, targets, rows, max(int(chunk_size), 1), overwrite_logits)
 
 
 def _unwrap(model):
@@ -126,7 +136,8 @@ def sequence_logps(model, batch: dict[str, torch.Tensor], chunk_size: int = 1024
         rows = (keep.cumsum(0) - 1)[target_index]
     else:
         logits, rows = logits.flatten(0, -2), target_index
-    token_logps = selective_log_softmax(logits, batch["target_ids"], chunk_size, rows)
+    # the logits are this call's own: their gradient may take their memory
+    token_logps = selective_log_softmax(logits, batch["target_ids"], chunk_size, rows, overwrite_logits=True)
     num_seqs = batch["seq_example"].shape[0]
     sums = token_logps.new_zeros(num_seqs).index_add(0, batch["target_seq"], token_logps)
     counts = torch.bincount(batch["target_seq"], minlength=num_seqs)

@@ -9,7 +9,7 @@ import os
 import sys
 from pathlib import Path
 
-from ..generation.cli import _guarded  # bad input -> "error: ..." and exit 2; bad key or model -> exit 1
+from ..generation.cli import cli_errors  # bad input -> "error: ..." and exit 2; bad key or model -> exit 1
 from ..generation.inputs import InputError
 
 
@@ -59,7 +59,7 @@ def add_parser(subparsers) -> None:
     )
     _add_generation(parser, max_new_tokens=128)
     _add_output(parser)
-    parser.set_defaults(func=_guarded(run_rouge))
+    parser.set_defaults(func=cli_errors(run_rouge))
 
     parser = commands.add_parser(
         "pairwise",
@@ -108,7 +108,7 @@ def add_parser(subparsers) -> None:
         help="How a question is put to a local model.",
     )
     _add_output(parser)
-    parser.set_defaults(func=_guarded(run_pairwise))
+    parser.set_defaults(func=cli_errors(run_pairwise))
 
     parser = commands.add_parser(
         "length-bias",
@@ -134,7 +134,7 @@ def add_parser(subparsers) -> None:
         help="Unit of the plot (default: tokens with --tokenizer).",
     )
     _add_output(parser)
-    parser.set_defaults(func=_guarded(run_length_bias))
+    parser.set_defaults(func=cli_errors(run_length_bias))
 
 
 def _add_generation(parser, max_new_tokens: int):

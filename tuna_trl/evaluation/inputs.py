@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import logging
 
-from ..generation.inputs import InputError, _json_records
+from ..generation.inputs import InputError, read_json_records
 
 
 logger = logging.getLogger(__name__)
@@ -23,7 +23,7 @@ def read_rows(path: str, required: tuple[str, ...] = ()) -> list[tuple[int, dict
         InputError (a ValueError): naming the file and line of the first bad record.
     """
     rows = []
-    for line, record in _json_records(str(path)):
+    for line, record in read_json_records(str(path)):
         if not isinstance(record, dict):
             raise InputError(f"{path}:{line}: each record must be a JSON object, got {type(record).__name__}")
         missing = [key for key in required if key not in record]

@@ -207,7 +207,7 @@ def _run(args, instructions, ranker, backend, description, backends) -> int:
     return EXIT_ROWS_FAILED if summary.errors else 0
 
 
-def _guarded(function):
+def cli_errors(function):
     """Turn the errors a user can fix (bad input, bad key or model) into a one-line message and exit code."""
 
     def run(args) -> int:
@@ -227,7 +227,7 @@ def _guarded(function):
     return run
 
 
-@_guarded
+@cli_errors
 def run_probabilistic(args) -> int:
     from .rankers import ProbabilisticRanker
 
@@ -239,7 +239,7 @@ def run_probabilistic(args) -> int:
     return _run(args, instructions, ranker, teacher, "probabilistic", [teacher])
 
 
-@_guarded
+@cli_errors
 def run_contextual(args) -> int:
     from .judge import LLMJudge
     from .rankers import ContextualRanker

@@ -56,7 +56,7 @@ def render_prompt(instruction: str, input: str | None, template: str = "alpaca")
     raise ValueError(f"prompt template must be one of {PROMPT_TEMPLATES}, got {template!r}")
 
 
-def _json_records(path: str) -> list[tuple[int, object]]:
+def read_json_records(path: str) -> list[tuple[int, object]]:
     """(line number, parsed value) of each record: the elements of a top-level JSON array, or each non-blank line
     of a JSON Lines file."""
     with open(path, encoding="utf-8") as f:
@@ -124,7 +124,7 @@ def read_instructions(path: str, prompt_template: str = "alpaca", limit: int | N
     if prompt_template not in PROMPT_TEMPLATES:
         raise ValueError(f"prompt template must be one of {PROMPT_TEMPLATES}, got {prompt_template!r}")
     rows, seen = [], {}
-    for index, (line, record) in enumerate(_json_records(path)):
+    for index, (line, record) in enumerate(read_json_records(path)):
         if limit is not None and index >= limit:
             break
         if not isinstance(record, dict):

@@ -204,6 +204,7 @@ def main(script_args, training_args, model_args):
         trainer.create_model_card(model_name=model_name, dataset_name=dataset_name)
         trainer.accelerator.print(f"Model and model card saved to {training_args.output_dir}.")
     if hasattr(trainer, "end"):  # transformers >= 5.18: finish the trackers, destroy the process group
+        trainer.accelerator.wait_for_everyone()  # no process tears the group down while another still uses it
         trainer.end()
 
 

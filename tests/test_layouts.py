@@ -3,6 +3,7 @@ chunked log-probs against a plain float64 log-softmax."""
 
 import dataclasses
 import random
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -98,6 +99,16 @@ def test_logits_only_at_targets_match_full_logits(tok, monkeypatch):
         torch.testing.assert_close(grad, full, **TOL)
 
 
+def test_logits_of_the_wrong_shape_are_an_error():
+    class Odd(torch.nn.Module):
+        def forward(self, input_ids, **kwargs):
+            return SimpleNamespace(logits=torch.zeros(input_ids.shape[0], 2, 10))
+
+    batch = RankedCollator(0)([{"prompt_ids": [1, 5], "completion_ids": [[7, 2]]}])
+    with pytest.raises(RuntimeError, match=r"Odd returned logits of shape \(1, 2, 10\) for input_ids of shape \(1, 4\)"):
+        sequence_logps(Odd(), batch)
+
+
 def test_models_without_a_logits_mask_are_not_given_one():
     class Custom(torch.nn.Module):
         def forward(self, input_ids, attention_mask=None, position_ids=None, use_cache=None, logits_to_keep=0):
@@ -105,6 +116,15 @@ def test_models_without_a_logits_mask_are_not_given_one():
 
     assert not takes_logits_mask(Custom())  # takes `logits_to_keep`, but not from a `slice_logits_to_keep` module
     assert not takes_logits_mask(torch.nn.Linear(2, 2))
+
+
+def test_wrapped_models_are_given_a_logits_mask(tok):
+    class Wrapper(torch.nn.Module):  # as DDP and DeepSpeed's engine hold the model
+        def __init__(self, module):
+            super().__init__()
+            self.module = module
+
+    assert takes_logits_mask(Wrapper(tiny_model(tok)))
 
 
 @pytest.mark.parametrize("overwrite", [False, True])
@@ -172,3 +192,72 @@ def test_block_mask_is_prompt_plus_own_completion():
 def test_empty_prompt_is_an_error():
     with pytest.raises(ValueError, match="Feature 1 has empty `prompt_ids`"):
         RankedCollator(0)([{"prompt_ids": [1], "completion_ids": [[2]]}, {"prompt_ids": [], "completion_ids": [[2]]}])
+
+
+def _distributed_worker(rank, mode, port, features, out):
+    """One of 2 CPU processes: the rank's batch through DDP or a DeepSpeed ZeRO-3 engine; rank 0 saves the grads."""
+    import os
+
+    import torch.distributed as dist
+
+    from tuna_trl.tiny import build_model, build_tokenizer
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE="2", LOCAL_RANK=str(rank))
+    torch.set_num_threads(1)
+    tok = build_tokenizer()
+    model = build_model(tok, seed=0)
+    batch = RankedCollator(tok.pad_token_id, padding_free=True)(features[rank])
+    if mode == "ddp":
+        dist.init_process_group("gloo", rank=rank, world_size=2)
+        wrapped = torch.nn.parallel.DistributedDataParallel(model)
+    else:
+        import deepspeed
+
+        deepspeed.init_distributed(dist_backend="gloo")
+        config = {"train_micro_batch_size_per_gpu": 1, "zero_optimization": {"stage": 3}, "zero_allow_untested_optimizer": True,
+                  "optimizer": {"type": "SGD", "params": {"lr": 0.0}}}  # fmt: skip
+        wrapped, *_ = deepspeed.initialize(model=model, config=config, model_parameters=model.parameters())
+    assert takes_logits_mask(wrapped)
+    sums, counts = sequence_logps(wrapped, batch, chunk_size=5)
+    loss = (sums / counts).sum()
+    if mode == "ddp":
+        loss.backward()
+        grads = {n: p.grad for n, p in model.named_parameters()}
+    else:
+        from deepspeed.utils import safe_get_full_grad
+
+        wrapped.backward(loss)
+        grads = {n: safe_get_full_grad(p) for n, p in wrapped.module.named_parameters()}
+    if rank == 0:
+        torch.save({n: g.clone() for n, g in grads.items()}, out)
+    dist.barrier()
+    dist.destroy_process_group()
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("mode", ["ddp", "zero3"])
+def test_logits_mask_under_ddp_and_zero3(tmp_path, tok, mode):
+    """The `logits_to_keep` call and the overwritten logits give the single-process gradients through DDP and
+    ZeRO-3 (whose hooks gather parameters around each module's forward and backward): 2 CPU processes, gloo."""
+    import socket
+
+    import torch.multiprocessing as mp
+
+    from tuna_trl.tiny import build_model
+
+    if mode == "zero3":
+        pytest.importorskip("deepspeed")
+    features = [random_features(len(tok), seed=s, sizes=(2, 3)) for s in (11, 12)]
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    out = tmp_path / "grads.pt"
+    mp.spawn(_distributed_worker, args=(mode, port, features, str(out)), nprocs=2)
+
+    model = build_model(tok, seed=0)
+    collator = RankedCollator(tok.pad_token_id, padding_free=True)
+    losses = [(s / c).sum() for s, c in (sequence_logps(model, collator(f)) for f in features)]
+    (sum(losses) / 2).backward()  # both wrappers average the gradients over the processes
+    got = torch.load(out)
+    for name, p in model.named_parameters():
+        torch.testing.assert_close(got[name], p.grad, **TOL)

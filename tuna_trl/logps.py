@@ -97,15 +97,16 @@ def _unwrap(model):
 def takes_logits_mask(model) -> bool:
     """Whether `model(..., logits_to_keep=<(rows, length) bool mask>)` returns logits for the True positions only.
 
-    True for `transformers` models whose modeling file slices with `slice_logits_to_keep`, which flattens a bool mask
-    to (num_true, hidden); older or custom models may take `logits_to_keep` with other meanings, so they are not used.
+    True for `transformers` models whose `forward` is defined next to `slice_logits_to_keep`, which flattens a bool
+    mask to (num_true, hidden); older or custom models may take `logits_to_keep` with other meanings, so they are not
+    given one.
     """
-    base = _unwrap(model)
+    forward = getattr(type(_unwrap(model)), "forward", None)
     try:
-        params = inspect.signature(type(base).forward).parameters
+        params = inspect.signature(forward).parameters
     except (TypeError, ValueError):
         return False
-    module = sys.modules.get(type(base).__module__)
+    module = sys.modules.get(getattr(inspect.unwrap(forward), "__module__", None) or "")
     return "logits_to_keep" in params and getattr(module, "slice_logits_to_keep", None) is not None
 
 
@@ -133,9 +134,15 @@ def sequence_logps(model, batch: dict[str, torch.Tensor], chunk_size: int = 1024
     logits = outputs.logits
     if keep is not None and logits.dim() == 2:
         # the kept positions come out in flat order: target m reads row (number of kept positions before it)
-        rows = (keep.cumsum(0) - 1)[target_index]
+        rows, expected = (keep.cumsum(0) - 1)[target_index], int(keep.sum())
     else:
-        logits, rows = logits.flatten(0, -2), target_index
+        logits, rows, expected = logits.flatten(0, -2), target_index, input_ids.numel()
+    if logits.shape[0] != expected:
+        raise RuntimeError(
+            f"{type(_unwrap(model)).__name__} returned logits of shape {tuple(outputs.logits.shape)} for input_ids of "
+            f"shape {tuple(input_ids.shape)}: expected one row of logits per position"
+            + (f" kept by `logits_to_keep` ({expected})." if keep is not None else ".")
+        )
     # the logits are this call's own: their gradient may take their memory
     token_logps = selective_log_softmax(logits, batch["target_ids"], chunk_size, rows, overwrite_logits=True)
     num_seqs = batch["seq_example"].shape[0]

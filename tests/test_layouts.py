@@ -160,6 +160,14 @@ def test_overwritten_logits_needed_elsewhere_raise_instead_of_corrupting():
         (got.sum() + other).backward()
 
 
+def test_selective_log_softmax_with_masked_vocabulary():
+    logits = torch.randn(4, 9)
+    logits[:, 5:] = float("-inf")  # e.g. padded vocabulary entries a model masks out
+    targets = torch.tensor([0, 4, 2, 1])
+    got = selective_log_softmax(logits, targets, chunk_size=3)
+    torch.testing.assert_close(got, torch.log_softmax(logits, -1)[torch.arange(4), targets])
+
+
 def test_selective_log_softmax_gradcheck():
     torch.manual_seed(1)
     logits = torch.randn(5, 7, dtype=torch.float64, requires_grad=True)

@@ -21,12 +21,20 @@ from torch.autograd.function import once_differentiable
 
 
 class _SelectiveLogSoftmax(torch.autograd.Function):
+    # One (chunk_size, V) float32 work buffer is reused for every chunk: on the CPU a fresh allocation per chunk costs
+    # page faults that take about as long as the arithmetic.
+
     @staticmethod
     def forward(ctx, logits, targets, rows, chunk_size, overwrite_logits):
         dtype = torch.promote_types(logits.dtype, torch.float32)  # float32, or float64 for float64 logits
         lse = torch.empty(logits.shape[0], dtype=dtype, device=logits.device)
+        work = logits.new_empty((min(chunk_size, logits.shape[0]), logits.shape[1]), dtype=dtype)
         for start in range(0, logits.shape[0], chunk_size):
-            lse[start : start + chunk_size] = logits[start : start + chunk_size].to(dtype).logsumexp(-1)
+            chunk = logits[start : start + chunk_size]
+            peak = chunk.amax(-1, keepdim=True).to(dtype)
+            peak = peak.masked_fill_(~torch.isfinite(peak), 0.0)  # rows of -inf give -inf, as torch.logsumexp
+            shifted = torch.sub(chunk, peak, out=work[: chunk.shape[0]])
+            lse[start : start + chunk_size] = shifted.exp_().sum(-1).log_().add_(peak.squeeze(-1))
         out = logits[rows, targets].to(dtype) - lse[rows]
         ctx.save_for_backward(logits, targets, rows, lse)
         ctx.chunk_size, ctx.overwrite_logits = chunk_size, overwrite_logits
@@ -39,13 +47,14 @@ class _SelectiveLogSoftmax(torch.autograd.Function):
         # d log p(y_m) / d logits[r] = onehot(y_m) - softmax(logits[r]), summed over the targets m read from row r
         weight = torch.zeros_like(lse).index_add_(0, rows, grad_out.to(lse.dtype))
         grad = logits if ctx.overwrite_logits else torch.empty_like(logits)
+        same = logits.dtype == lse.dtype
+        work = None if same else logits.new_empty((min(ctx.chunk_size, logits.shape[0]), logits.shape[1]), dtype=lse.dtype)
         for start in range(0, logits.shape[0], ctx.chunk_size):
             end = start + ctx.chunk_size
-            chunk = grad[start:end]
-            if chunk.dtype == lse.dtype:
-                torch.sub(logits[start:end], lse[start:end, None], out=chunk).exp_().mul_(-weight[start:end, None])
-            else:  # low-precision logits: the softmax in float32, rounded once
-                chunk.copy_((logits[start:end].to(lse.dtype) - lse[start:end, None]).exp_().mul_(-weight[start:end, None]))
+            out = grad[start:end] if same else work[: grad[start:end].shape[0]]
+            torch.sub(logits[start:end], lse[start:end, None], out=out).exp_().mul_(-weight[start:end, None])
+            if not same:  # low-precision logits: the softmax in float32, rounded once
+                grad[start:end] = out
         grad.index_put_((rows, targets), grad_out.to(grad.dtype), accumulate=True)
         return grad, None, None, None, None
 

@@ -137,7 +137,7 @@ def default_output_dir(model_name_or_path: str) -> str:
 
 def build_trainer(script_args, training_args, model_args):
     """The `TunaRankTrainer` the arguments describe (model loaded by the trainer, so ZeRO-3 can partition it)."""
-    from trl import get_peft_config
+    from trl import get_peft_config, get_quantization_config
 
     from tuna_trl import TunaRankTrainer
 
@@ -148,6 +148,9 @@ def build_trainer(script_args, training_args, model_args):
     model_init_kwargs = {"revision": model_args.model_revision, "dtype": model_args.dtype}
     if model_args.attn_implementation is not None:
         model_init_kwargs["attn_implementation"] = model_args.attn_implementation
+    quantization_config = get_quantization_config(model_args)  # --load_in_4bit / --load_in_8bit (QLoRA; bitsandbytes)
+    if quantization_config is not None:
+        model_init_kwargs["quantization_config"] = quantization_config
     training_args.model_init_kwargs = {**model_init_kwargs, **(training_args.model_init_kwargs or {})}
 
     train_dataset, eval_dataset = load_train_eval(script_args, training_args.seed)

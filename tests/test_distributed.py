@@ -25,15 +25,18 @@ DATA = ROOT / "examples" / "data" / "tiny_ranked.jsonl"
 BIN = Path(sys.executable).parent
 TOL = 1e-4
 
-# 24 rows; global batch 4 = 1 process x 4 = 2 processes x 1 per device x 2 accumulation steps (so both data
-# parallelism and gradient accumulation are in play); checkpoints at steps 2 and 4.
+# 24 rows, 6 held out for evaluation at steps 2 and 4; global batch 4 = 1 process x 4 = 2 processes x 1 per device
+# x 2 accumulation steps (so both data parallelism and gradient accumulation are in play); checkpoints at steps
+# 2 and 4.
 COMMON = [
-    "--dataset_name", str(DATA), "--max_steps", "4", "--save_steps", "2", "--logging_steps", "1",
-    "--learning_rate", "1e-3", "--warmup_steps", "1", "--seed", "0", "--report_to", "none", "--use_cpu", "true",
-    "--disable_tqdm", "true", "--max_length", "64",
+    "--dataset_name", str(DATA), "--eval_split", "0.25", "--eval_strategy", "steps", "--eval_steps", "2",
+    "--max_steps", "4", "--save_steps", "2", "--logging_steps", "1", "--learning_rate", "1e-3", "--warmup_steps", "1",
+    "--seed", "0", "--report_to", "none", "--use_cpu", "true", "--disable_tqdm", "true", "--max_length", "64",
 ]  # fmt: skip
-SINGLE = ["--per_device_train_batch_size", "4", "--gradient_accumulation_steps", "1"]
-TWO_PROCESSES = ["--per_device_train_batch_size", "1", "--gradient_accumulation_steps", "2"]
+SINGLE = ["--per_device_train_batch_size", "4", "--gradient_accumulation_steps", "1",
+          "--per_device_eval_batch_size", "6"]  # fmt: skip
+TWO_PROCESSES = ["--per_device_train_batch_size", "1", "--gradient_accumulation_steps", "2",
+                 "--per_device_eval_batch_size", "3"]  # fmt: skip
 LORA = ["--use_peft", "--lora_r", "4", "--lora_alpha", "8", "--lora_dropout", "0",
         "--lora_target_modules", "all-linear"]  # fmt: skip
 
@@ -81,16 +84,26 @@ def torchrun_run(tmp, out, ds_config, *args):
     return run([*cmd, SCRIPT, *COMMON, *TWO_PROCESSES, *ds, "--output_dir", out, *args], tmp)
 
 
-def train_logs(out: Path) -> dict[int, dict]:
-    """step -> the training log of that step, from the trainer_state.json the script saves."""
+def train_logs(out: Path, key="loss") -> dict[int, dict]:
+    """step -> the training (or, with key="eval_loss", evaluation) log of that step, from trainer_state.json."""
     history = json.loads((out / "trainer_state.json").read_text())["log_history"]
-    return {entry["step"]: entry for entry in history if "loss" in entry}
+    return {entry["step"]: entry for entry in history if key in entry}
 
 
 def assert_same_logs(logs, expected, steps):
     assert sorted(logs) == list(steps), f"logged steps {sorted(logs)}, expected {list(steps)}"
     for step in steps:
         for key in ("loss", "grad_norm"):  # grad_norm catches a wrongly scaled gradient that Adam would hide
+            assert logs[step][key] == pytest.approx(expected[step][key], abs=TOL, rel=TOL), (step, key)
+
+
+def assert_same_eval(out, reference):
+    """Evaluation on 2 processes x 3 examples = 1 process x 6. Only metrics that are means over examples (or pooled
+    over pairs) are comparable: eval_loss averages per-batch token means, which depend on how the batch is split."""
+    logs, expected = train_logs(out, "eval_loss"), train_logs(reference, "eval_loss")
+    assert sorted(logs) == sorted(expected) == [2, 4]
+    for step in (2, 4):
+        for key in ("eval_rank_accuracy", "eval_loss/rank", "eval_logps/best", "eval_logps/worst"):
             assert logs[step][key] == pytest.approx(expected[step][key], abs=TOL, rel=TOL), (step, key)
 
 
@@ -135,6 +148,7 @@ def test_zero3_matches_single_process_saves_loadable_checkpoint_and_resumes(tiny
     accelerate_run(workdir, out, "deepspeed_zero3.yaml", "--model_name_or_path", tiny)
     expected = train_logs(reference)
     assert_same_logs(train_logs(out), expected, steps=[1, 2, 3, 4])
+    assert_same_eval(out, reference)
 
     # The final model was gathered from the ZeRO-3 shards into an ordinary checkpoint: it loads with
     # from_pretrained and equals both DeepSpeed's own fp32 master weights and the single-process model.
@@ -204,3 +218,13 @@ def test_zero3_offload_matches_single_process(tiny, workdir, reference):
     tokenizer = AutoTokenizer.from_pretrained(out)
     expected = logits_of(load(reference), tokenizer)
     torch.testing.assert_close(logits_of(load(out), tokenizer), expected, atol=TOL, rtol=0)
+
+
+@pytest.mark.slow
+def test_ddp_matches_single_process(tiny, workdir, reference):
+    """Plain DDP (torchrun, no DeepSpeed), the multi_gpu.yaml setup."""
+    out = workdir / "ddp"
+    cmd = [BIN / "torchrun", "--nproc_per_node", "2", "--master_port", _free_port(), SCRIPT]
+    run([*cmd, *COMMON, *TWO_PROCESSES, "--ddp_backend", "gloo", "--output_dir", out, "--model_name_or_path", tiny],
+        workdir)  # fmt: skip
+    assert_same_logs(train_logs(out), train_logs(reference), steps=[1, 2, 3, 4])

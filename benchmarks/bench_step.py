@@ -11,16 +11,23 @@ Batch: 8 examples x N = 4 completions with Alpaca-like lengths (seeded log-norma
 * tuna: `TunaRankTrainer`'s default collator and `compute_loss` (prefix-shared packed rows, logits only at the
   target positions, chunked log-softmax).
 
-Both compute the same loss (ranking loss + NLL of the best completion) with the same weights. Collation is done once,
-outside the timed region, as a `DataLoader` worker would. Times: the median of `--reps` interleaved repetitions after
-one warm-up each, in this process, so that load from other processes hits both variants alike.
+Both compute the same loss (ranking loss + NLL of the best completion) with the same weights; `loss_abs_diff` shows
+it. The baseline is taken at its best: labels are shifted in the collator so `gather` needs no slice (one fewer
+full-size gradient), and the released code's `clone()` of the log-probs is left out. Collation is done once, outside
+the timed region, as a `DataLoader` worker would (its time is reported apart).
 
-Peak memory: each variant runs again in a fresh subprocess (the two at once), which builds the model and the batch, does a small
-warm-up step (thread pools, oneDNN, gradient buffers), then resets the kernel's peak-RSS counter
-(`/proc/self/clear_refs`) and reports peak RSS minus RSS just before one full step. RSS is what the step really
-costs the machine (allocator overhead included); a fresh process per variant keeps one variant's freed-but-cached
-heap from hiding the other's allocations. Where `clear_refs` is unavailable (not Linux), `ru_maxrss` is used instead,
-which is still valid because the full step is the largest allocation of the child's life.
+Time: `--reps` repetitions of each variant, interleaved (baseline, tuna, baseline, ...) in this process after a small
+warm-up, so that load from other processes hits both alike. `baseline_s` / `tuna_s` are the fastest repetition: on a
+shared machine load only ever adds time, so the minimum is the closest to the step's own cost (every repetition is
+in `*_runs_s`).
+
+Peak memory: each variant runs again in a fresh subprocess (the two at once: RSS is per process), which builds the
+model and the batch, does a small warm-up step (thread pools, kernels, gradient buffers), then resets the kernel's
+peak-RSS counter (`/proc/self/clear_refs`) and reports peak RSS minus RSS just before one full step: what the step
+adds on top of the weights and gradient buffers, allocator overhead included. A fresh process per variant keeps one
+variant's freed-but-cached heap from hiding the other's allocations, and RSS needs no profiler hooks in the step.
+Where `clear_refs` is unavailable (not Linux), `ru_maxrss` is used instead, which is still valid because the full
+step is the largest allocation of the child's life.
 
 `ideal_speedup` = padded tokens / unique tokens: the speedup of a step whose cost is proportional to the tokens it
 computes, if the prompt were computed once and no padding were computed at all.
@@ -35,7 +42,6 @@ import math
 import os
 import random
 import resource
-import statistics
 import subprocess
 import sys
 import tempfile
@@ -83,7 +89,9 @@ def make_features(args) -> list[dict]:
     features = []
     for _ in range(args.examples):
         prompt = [BOS] + ids(_length(rng, 60, 0.7, 8, 256, args.length_scale) - 1)
-        completions = [ids(_length(rng, 120, 0.7, 4, 400, args.length_scale) - 1) + [EOS] for _ in range(args.completions)]
+        completions = [
+            ids(_length(rng, 120, 0.7, 4, 400, args.length_scale) - 1) + [EOS] for _ in range(args.completions)
+        ]
         features.append({"prompt_ids": prompt, "completion_ids": completions})
     return features
 
@@ -134,7 +142,7 @@ def baseline_loss(model, batch, margin=0.1, mle_weight=1.0):
     labels = batch["labels"]
     mask = labels != -100
     # labels are shifted in the collator, so `gather` reads the whole tensor without a slice (one fewer full-size
-    # copy in the backward than slicing; the released code also `clone()`s the log-probs first, which we skip)
+    # copy in the backward than slicing; the released code also `clone()`s the log-probs first, left out here)
     token_logp = logp.gather(-1, labels.clamp(min=0)[..., None]).squeeze(-1) * mask
     sums, counts = token_logp.sum(-1), mask.sum(-1)
     v = (sums / counts).view(-1, batch["num_completions"])
@@ -267,8 +275,8 @@ def measure(args) -> dict:
     unique = sum(len(f["prompt_ids"]) + sum(map(len, f["completion_ids"])) for f in features)
     padded = base_batch["input_ids"].numel()
     result = {
-        "baseline_s": statistics.median(t for t, _ in base),
-        "tuna_s": statistics.median(t for t, _ in tuna),
+        "baseline_s": min(t for t, _ in base),
+        "tuna_s": min(t for t, _ in tuna),
     }
     result["speedup"] = result["baseline_s"] / result["tuna_s"]
     if not args.no_memory:
@@ -284,7 +292,8 @@ def measure(args) -> dict:
         tuna_layout="prefix-shared" if tuna_batch["attention_mask"].dim() == 4 else "padded",
         baseline_collate_s=base_collate_s,
         tuna_collate_s=tuna_collate_s,
-        reps=args.reps,
+        baseline_runs_s=[round(t, 2) for t, _ in base],
+        tuna_runs_s=[round(t, 2) for t, _ in tuna],
         threads=torch.get_num_threads(),
     )
     return result

@@ -105,7 +105,8 @@ def test_logits_of_the_wrong_shape_are_an_error():
             return SimpleNamespace(logits=torch.zeros(input_ids.shape[0], 2, 10))
 
     batch = RankedCollator(0)([{"prompt_ids": [1, 5], "completion_ids": [[7, 2]]}])
-    with pytest.raises(RuntimeError, match=r"Odd returned logits of shape \(1, 2, 10\) for input_ids of shape \(1, 4\)"):
+    message = r"Odd returned logits of shape \(1, 2, 10\) for input_ids of shape \(1, 4\)"
+    with pytest.raises(RuntimeError, match=message):
         sequence_logps(Odd(), batch)
 
 
@@ -177,7 +178,9 @@ def test_selective_log_softmax_gradcheck():
 
 def test_block_mask_is_prompt_plus_own_completion():
     collator = RankedCollator(pad_token_id=0, padding_free=True, padding_side="left")
-    batch = collator([{"prompt_ids": [1, 5], "completion_ids": [[7, 2], [8, 2]]}, {"prompt_ids": [1], "completion_ids": [[9]]}])
+    batch = collator(
+        [{"prompt_ids": [1, 5], "completion_ids": [[7, 2], [8, 2]]}, {"prompt_ids": [1], "completion_ids": [[9]]}]
+    )
     # row 1 is left-padded by 4: [pad pad pad pad | 1 | 9]
     assert batch["position_ids"].tolist() == [[0, 1, 2, 3, 2, 3], [0, 0, 0, 0, 0, 1]]
     mask = batch["attention_mask"][:, 0].int().tolist()
@@ -210,7 +213,8 @@ def _distributed_worker(rank, mode, port, features, out):
 
     from tuna_trl.tiny import build_model, build_tokenizer
 
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE="2", LOCAL_RANK=str(rank))
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), WORLD_SIZE="2")
+    os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank))
     torch.set_num_threads(1)
     tok = build_tokenizer()
     model = build_model(tok, seed=0)
@@ -222,8 +226,12 @@ def _distributed_worker(rank, mode, port, features, out):
         import deepspeed
 
         deepspeed.init_distributed(dist_backend="gloo")
-        config = {"train_micro_batch_size_per_gpu": 1, "zero_optimization": {"stage": 3}, "zero_allow_untested_optimizer": True,
-                  "optimizer": {"type": "SGD", "params": {"lr": 0.0}}}  # fmt: skip
+        config = {
+            "train_micro_batch_size_per_gpu": 1,
+            "zero_optimization": {"stage": 3},
+            "optimizer": {"type": "SGD", "params": {"lr": 0.0}},
+            "zero_allow_untested_optimizer": True,
+        }
         wrapped, *_ = deepspeed.initialize(model=model, config=config, model_parameters=model.parameters())
     assert takes_logits_mask(wrapped)
     sums, counts = sequence_logps(wrapped, batch, chunk_size=5)

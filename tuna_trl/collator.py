@@ -5,7 +5,8 @@ Two layouts share one output format, so the log-prob and loss code does not care
 * padded (`padding_free=False`): one row per (prompt, completion) sequence, padded to the longest row.
 * prefix-shared (`padding_free=True`): one row per example, `[prompt | completion 0 | completion 1 | ... | ref]`;
   a 4D block mask lets every completion see the prompt and itself only, and position ids restart after the
-  prompt for each completion, so the prompt is computed once instead of N times.
+  prompt for each completion, so the prompt is computed once instead of N times. The mask is built in one vectorised
+  expression from per-token segment ids (0 prompt, j > 0 the j-th sequence, -1 padding); see docs/performance.md.
 
 A *sequence* is one (prompt, completion-or-reference) pair. The targets are listed flat: target m is the token
 `target_ids[m]`, predicted by the logits at flat position `target_index[m]` of `input_ids.view(-1)`, and belongs to
@@ -37,7 +38,7 @@ class RankedCollator:
     "reference_ids": list[int] (optional, [] or None = none)}`. Completion ids already end with EOS.
 
     Output (R rows of length T, S sequences, M target tokens, B examples):
-        input_ids (R, T), attention_mask (R, T) padded or (R, 1, T, T) bool packed, position_ids (R, T),
+        input_ids (R, T), attention_mask (R, T) padded or (R, 1, T, T) packed (`mask_dtype`), position_ids (R, T),
         target_index / target_ids / target_seq (M,), seq_example / seq_rank / seq_mle (S,), num_completions (B,).
 
     Example:

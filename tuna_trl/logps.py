@@ -48,7 +48,8 @@ class _SelectiveLogSoftmax(torch.autograd.Function):
         weight = torch.zeros_like(lse).index_add_(0, rows, grad_out.to(lse.dtype))
         grad = logits if ctx.overwrite_logits else torch.empty_like(logits)
         same = logits.dtype == lse.dtype
-        work = None if same else logits.new_empty((min(ctx.chunk_size, logits.shape[0]), logits.shape[1]), dtype=lse.dtype)
+        if not same:
+            work = logits.new_empty((min(ctx.chunk_size, logits.shape[0]), logits.shape[1]), dtype=lse.dtype)
         for start in range(0, logits.shape[0], ctx.chunk_size):
             end = start + ctx.chunk_size
             out = grad[start:end] if same else work[: grad[start:end].shape[0]]

@@ -11,6 +11,7 @@ Variants (`variant:` in the config) choose the stages and how they are wired:
 
 | variant   | stages (kind)                                                                           |
 |-----------|------------------------------------------------------------------------------------------|
+| `sft`     | sft (the baseline alone)                                                                 |
 | `tuna`    | sft, probabilistic, tuna_p (sft + probabilistic), contextual (on tuna_p), tuna (tuna_p + contextual) |
 | `tuna_p`  | sft, probabilistic, tuna_p                                                               |
 | `tuna_c`  | sft, contextual (on sft), tuna_c (sft + contextual)                                      |
@@ -55,6 +56,7 @@ _STAGE_DEFAULTS: dict[str, tuple[str, dict]] = {
 }
 
 VARIANTS: dict[str, list[str]] = {
+    "sft": ["sft"],
     "tuna": ["sft", "probabilistic", "tuna_p", "contextual", "tuna"],
     "tuna_p": ["sft", "probabilistic", "tuna_p"],
     "tuna_c": ["sft", "contextual", "tuna_c"],
@@ -71,11 +73,11 @@ _STAGE_KEYS = {
     "train": {"init", "data", "training", "keep_checkpoints"},
     "probabilistic": {
         "teacher", "data", "n", "temperature", "beta", "max_new_tokens", "limit", "max_error_fraction",
-        "price_per_1k_tokens", "completion_price_per_1k_tokens",
+        "price_per_1k_tokens", "completion_price_per_1k_tokens", "seed",
     },
     "contextual": {
         "policy", "judge", "data", "n", "temperature", "tau", "temperature_step", "max_trials", "max_new_tokens",
-        "limit", "max_error_fraction", "judge_workers", "price_per_1k_tokens", "completion_price_per_1k_tokens",
+        "limit", "max_error_fraction", "judge_workers", "price_per_1k_tokens", "completion_price_per_1k_tokens", "seed",
     },
 }
 # settings that change how fast a stage runs, not what it produces: changing them never invalidates a stage
@@ -202,6 +204,8 @@ def resolve_stages(config: dict) -> list[Stage]:
                 raise PipelineError(f"Stage {name} needs instructions: set `data.path` (Alpaca JSON/JSONL) or `data.dataset`.")
         if kind in ("sft", "train"):
             settings["training"].setdefault("seed", config.get("seed", 42))
+        else:
+            settings.setdefault("seed", config.get("seed", 42))
         if kind == "train" and isinstance(settings.get("data"), str):
             settings["data"] = [settings["data"]]
         needs = _references(kind, settings, names)
@@ -321,13 +325,17 @@ class Pipeline:
                 out.add(stage.name)
         return out
 
-    def run(self, only: list[str] | None = None, redo: list[str] | None = None, progress: bool = True) -> dict[str, dict]:
+    def run(
+        self, only: list[str] | None = None, redo: list[str] | None = None, progress: bool = True, redo_changed: bool = False
+    ) -> dict[str, dict]:
         """Run the stages in order (only those in `only`, when given), skipping finished ones.
 
         Args:
             only: stage names to run; the stages they read must be done already.
             redo: stage names to run from scratch (their directory is deleted first), with every stage that reads
                 them, transitively.
+            redo_changed: run from scratch the stages whose settings or inputs changed since they ran (and so
+                every stage that reads them), instead of stopping with an error.
         Returns:
             `{stage name: manifest}` of the stages considered.
         """
@@ -353,10 +361,10 @@ class Pipeline:
             if stage.name in redo_all and stage.dir.exists():
                 logger.info("%s: redoing from scratch, deleting %s", position, stage.dir)
                 shutil.rmtree(stage.dir)
-            manifests[stage.name] = self._run_stage(stage, manifests, position, progress)
+            manifests[stage.name] = self._run_stage(stage, manifests, position, progress, redo_changed)
         return manifests
 
-    def _run_stage(self, stage: Stage, upstream: dict[str, dict], position: str, progress: bool) -> dict:
+    def _run_stage(self, stage: Stage, upstream: dict[str, dict], position: str, progress: bool, redo_changed: bool) -> dict:
         from . import pipeline_stages
 
         identity = stage_identity(stage, upstream)
@@ -364,11 +372,16 @@ class Pipeline:
         previous = read_manifest(stage)
         if previous is not None and previous.get("fingerprint") != fingerprint:
             changes = _differences(previous.get("identity", {}), identity)
+            if redo_changed:
+                logger.info("%s: settings or inputs changed (%s); redoing from scratch", position, "; ".join(changes[:5]))
+                shutil.rmtree(stage.dir)
+                previous = None
+        if previous is not None and previous.get("fingerprint") != fingerprint:
             raise PipelineError(
                 f"Stage {stage.name!r} in {stage.dir} was {'finished' if previous.get('status') == 'done' else 'started'} "
                 f"with other settings or inputs ({'; '.join(changes[:5]) or 'unknown changes'}). Pass "
-                f"`--redo {stage.name}` to run it again from scratch (stages that read it are redone too), or "
-                "restore the settings."
+                f"`--redo {stage.name}` to run it again from scratch (stages that read it are redone too), "
+                "`--redo-changed` to redo whatever changed, or restore the settings."
             )
         if previous is not None and previous.get("status") == "done":
             logger.info("%s: done already, skipped (%s)", position, ", ".join(f"{k}: {stage.dir / v}" for k, v in previous["outputs"].items()))
@@ -437,6 +450,8 @@ def _add_common(parser: argparse.ArgumentParser) -> None:
                         help="Override a config value, e.g. --set stages.tuna.training.learning_rate=1e-6 (repeatable).")
     parser.add_argument("--redo", action="append", default=[], metavar="NAME",
                         help="Delete this stage's outputs and run it again, with every stage that reads it.")
+    parser.add_argument("--redo-changed", action="store_true",
+                        help="Redo the stages whose settings or inputs changed since they ran, instead of stopping.")
     parser.add_argument("--no-progress", action="store_true", help="No progress bars.")
 
 
@@ -448,7 +463,7 @@ def _run_command(args) -> int:
                 print(f"{row['name']:<14} {row['kind']:<14} {row['status']:<8} {row['dir']}")
             return 0
         only = [args.name] if getattr(args, "name", None) else args.only
-        pipeline.run(only=only, redo=args.redo, progress=not args.no_progress)
+        pipeline.run(only=only, redo=args.redo, progress=not args.no_progress, redo_changed=args.redo_changed)
     except PipelineError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2

@@ -327,8 +327,11 @@ def _run_generation(stage: Stage, pipeline, ranker, backend, progress: bool) -> 
     from .generation.runner import run_ranker
     from .generation.transformers_backend import TransformersBackend
 
+    from transformers import set_seed
+
     s = stage.settings
     instructions = load_instructions(s["data"], pipeline, limit=s.get("limit"))
+    set_seed(s.get("seed", 42))  # local models sample with torch's generator: same seed, same rows
     if isinstance(backend, TransformersBackend):  # a local model: fill its batch with whole instructions
         workers, chunk_size = 1, max(1, backend.batch_size // s.get("n", 4))
     else:  # an API: many one-instruction requests in flight

@@ -13,6 +13,7 @@ The model is still called through its top-level `forward`, so DDP, DeepSpeed ZeR
 
 from __future__ import annotations
 
+import functools
 import inspect
 import sys
 
@@ -111,7 +112,12 @@ def takes_logits_mask(model) -> bool:
     mask to (num_true, hidden); older or custom models may take `logits_to_keep` with other meanings, so they are not
     given one.
     """
-    forward = getattr(type(_unwrap(model)), "forward", None)
+    return _forward_takes_logits_mask(type(_unwrap(model)))
+
+
+@functools.lru_cache(maxsize=None)
+def _forward_takes_logits_mask(cls: type) -> bool:
+    forward = getattr(cls, "forward", None)
     try:
         params = inspect.signature(forward).parameters
     except (TypeError, ValueError):

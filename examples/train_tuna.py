@@ -206,9 +206,15 @@ def main(script_args, training_args, model_args):
         model_name = os.path.basename(os.path.normpath(training_args.output_dir))
         trainer.create_model_card(model_name=model_name, dataset_name=dataset_name)
         trainer.accelerator.print(f"Model and model card saved to {training_args.output_dir}.")
-    if hasattr(trainer, "end"):  # transformers >= 5.18: finish the trackers, destroy the process group
-        trainer.accelerator.wait_for_everyone()  # no process tears the group down while another still uses it
-        trainer.end()
+    # Tear down in order, while the interpreter is fully alive: free the model, the optimizer and DeepSpeed's engine
+    # (with any collective it still has in flight), then destroy the process group. Left to interpreter shutdown,
+    # gloo work still holding tensors aborts the process now and then ("terminate called without an active
+    # exception"), after everything is saved but with a failing exit status.
+    accelerator = trainer.accelerator
+    del trainer
+    accelerator.free_memory()  # also runs the garbage collector: the engine's reference cycles go now
+    accelerator.wait_for_everyone()
+    accelerator.end_training()  # = Trainer.end(): finish the trackers, destroy the process group
 
 
 def make_parser():

@@ -21,7 +21,8 @@ import train_tuna  # noqa: E402
 
 ACCELERATE = sorted((EXAMPLES / "accelerate").glob("*.yaml"))
 DEEPSPEED = sorted((EXAMPLES / "deepspeed").glob("*.json"))
-RECIPES = sorted((EXAMPLES / "configs").glob("*.yaml"))
+# train_tuna.py's recipes (examples/configs/ also holds configs of other tools, e.g. the demo pipeline's)
+RECIPES = [EXAMPLES / "configs" / name for name in ("sft.yaml", "tuna_p.yaml", "tuna_c.yaml", "tuna.yaml")]
 
 
 def test_every_expected_config_is_shipped():
@@ -30,8 +31,16 @@ def test_every_expected_config_is_shipped():
         "deepspeed_zero3_offload.yaml", "multi_node.yaml",
     }  # fmt: skip
     assert {p.name for p in DEEPSPEED} >= {"zero2.json", "zero3.json", "zero3_offload.json"}
-    assert {p.name for p in RECIPES} >= {"sft.yaml", "tuna_p.yaml", "tuna_c.yaml", "tuna.yaml"}
+    assert all(p.exists() for p in RECIPES)
     assert len(DATA.read_text().splitlines()) >= 16
+
+
+@pytest.mark.parametrize(
+    "path", sorted([*EXAMPLES.rglob("*.yaml"), *EXAMPLES.rglob("*.json")]), ids=lambda p: str(p.relative_to(EXAMPLES))
+)
+def test_every_config_file_in_examples_parses(path):
+    data = json.loads(path.read_text()) if path.suffix == ".json" else yaml.safe_load(path.read_text())
+    assert isinstance(data, dict) and data, f"{path}: expected a non-empty mapping"
 
 
 # ---------------------------------------------------------------------------------------------------------------

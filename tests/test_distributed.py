@@ -177,11 +177,20 @@ def test_zero3_matches_single_process_saves_loadable_checkpoint_and_resumes(tiny
     torch.testing.assert_close(logits_of(load(resumed), tokenizer), logits_of(saved, tokenizer), atol=TOL, rtol=0)
 
 
-def test_zero2_matches_single_process(tiny, workdir, reference):
+@pytest.mark.parametrize(
+    "config",
+    [
+        "deepspeed_zero2.yaml",
+        # parameters and optimizer states in CPU RAM: accelerate swaps the torch AdamW for DeepSpeed's CPU Adam,
+        # which DeepSpeed JIT-compiles on first use (minutes)
+        pytest.param("deepspeed_zero3_offload.yaml", marks=pytest.mark.slow),
+    ],
+)
+def test_other_zero_configs_match_single_process(tiny, workdir, reference, config):
     from transformers import AutoTokenizer
 
-    out = workdir / "zero2"
-    accelerate_run(workdir, out, "deepspeed_zero2.yaml", "--model_name_or_path", tiny)
+    out = workdir / config.removesuffix(".yaml")
+    accelerate_run(workdir, out, config, "--model_name_or_path", tiny)
     assert_same_logs(train_logs(out), train_logs(reference), steps=[1, 2, 3, 4])
     tokenizer = AutoTokenizer.from_pretrained(out)
     expected = logits_of(load(reference), tokenizer)
@@ -207,20 +216,6 @@ def test_lora_zero3_matches_single_process(tiny, workdir):
     card = (out / "README.md").read_text()
     assert "| peft | LoraConfig |" in card and "| world_size | 2 |" in card
     assert "| total_train_batch_size | 4 |" in card
-
-
-@pytest.mark.slow
-def test_zero3_offload_matches_single_process(tiny, workdir, reference):
-    """Parameters and optimizer states in CPU RAM: accelerate swaps the torch AdamW for DeepSpeed's CPU Adam, which
-    DeepSpeed JIT-compiles on first use (minutes), hence slow."""
-    from transformers import AutoTokenizer
-
-    out = workdir / "zero3_offload"
-    accelerate_run(workdir, out, "deepspeed_zero3_offload.yaml", "--model_name_or_path", tiny)
-    assert_same_logs(train_logs(out), train_logs(reference), steps=[1, 2, 3, 4])
-    tokenizer = AutoTokenizer.from_pretrained(out)
-    expected = logits_of(load(reference), tokenizer)
-    torch.testing.assert_close(logits_of(load(out), tokenizer), expected, atol=TOL, rtol=0)
 
 
 @pytest.mark.slow

@@ -241,8 +241,15 @@ def read_manifest(stage: Stage) -> dict | None:
         return None
 
 
+def _is_main_process() -> bool:
+    # under `accelerate launch` / torchrun every process runs the stage; only the first one keeps the books
+    return int(os.environ.get("RANK", "0")) == 0
+
+
 def write_manifest(stage: Stage, manifest: dict) -> None:
-    """Write atomically, so that a crash never leaves a half-written manifest."""
+    """Write atomically, so that a crash never leaves a half-written manifest (main process only)."""
+    if not _is_main_process():
+        return
     stage.dir.mkdir(parents=True, exist_ok=True)
     tmp = stage.manifest_path.with_suffix(".json.tmp")
     tmp.write_text(json.dumps(manifest, indent=2, default=str) + "\n", encoding="utf-8")
@@ -358,7 +365,7 @@ class Pipeline:
                     f"first (`tuna-trl pipeline --config CONFIG`), or point stage {stage.name!r} at existing outputs."
                 )
             position = f"[{index + 1}/{len(self.stages)}] {stage.name}"
-            if stage.name in redo_all and stage.dir.exists():
+            if stage.name in redo_all and stage.dir.exists() and _is_main_process():
                 logger.info("%s: redoing from scratch, deleting %s", position, stage.dir)
                 shutil.rmtree(stage.dir)
             manifests[stage.name] = self._run_stage(stage, manifests, position, progress, redo_changed)
@@ -374,7 +381,8 @@ class Pipeline:
             changes = _differences(previous.get("identity", {}), identity)
             if redo_changed:
                 logger.info("%s: settings or inputs changed (%s); redoing from scratch", position, "; ".join(changes[:5]))
-                shutil.rmtree(stage.dir)
+                if _is_main_process():
+                    shutil.rmtree(stage.dir)
                 previous = None
         if previous is not None and previous.get("fingerprint") != fingerprint:
             raise PipelineError(

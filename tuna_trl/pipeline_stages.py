@@ -152,8 +152,11 @@ def read_ranked_rows(paths: list[str]) -> list[dict]:
 
 
 def _training_args(config_cls, stage: Stage, defaults: dict):
+    own = stage.settings.get("training") or {}
     kwargs = {"output_dir": str(stage.dir / CHECKPOINT_DIR), "report_to": "none", "save_total_limit": 1, **defaults}
-    kwargs.update(stage.settings.get("training") or {})
+    if "gradient_checkpointing" in own:  # the deprecated name of activation_checkpointing: the user's wins
+        kwargs.pop("activation_checkpointing", None)
+    kwargs.update(own)
     known = {f.name for f in dataclasses.fields(config_cls)}
     unknown = sorted(set(kwargs) - known)
     if unknown:
@@ -178,17 +181,18 @@ def _train_and_save(trainer, stage: Stage) -> StageResult:
     history = [h for h in trainer.state.log_history if "loss" in h or "rank_accuracy" in h]
     if history:
         metrics["last_log"] = history[-1]
-    if not stage.settings.get("keep_checkpoints", False):
+    trainer.accelerator.wait_for_everyone()  # every process has saved before the checkpoints go
+    if not stage.settings.get("keep_checkpoints", False) and trainer.is_world_process_zero():
         shutil.rmtree(checkpoints, ignore_errors=True)
     return StageResult({"model": MODEL_DIR}, metrics)
 
 
-def _cpu_defaults() -> dict:
+def _stage_defaults() -> dict:
     import torch
 
-    # TRL's configs default to bf16 and gradient checkpointing; the Tuna stages default to neither, so that every
-    # stage runs at the same precision unless the config says otherwise (set both in the top-level `training`)
-    return {"bf16": False, "gradient_checkpointing": False, "use_cpu": not torch.cuda.is_available()}
+    # TRL's configs default to bf16 and activation checkpointing, TunaConfig to neither: every stage gets the same
+    # unless the config says otherwise (set them once in the top-level `training`)
+    return {"bf16": False, "activation_checkpointing": False, "use_cpu": not torch.cuda.is_available()}
 
 
 def run_sft(stage: Stage, pipeline, progress: bool = True) -> StageResult:
@@ -214,7 +218,7 @@ def run_sft(stage: Stage, pipeline, progress: bool = True) -> StageResult:
 
     dataset = Dataset.from_list([{"prompt": i.prompt, "reference": i.reference} for i in instructions])
     dataset = dataset.map(tokenize, remove_columns=["prompt", "reference"], desc="Tokenizing SFT data")
-    args = _training_args(SFTConfig, stage, {**_cpu_defaults(), "completion_only_loss": True, "disable_tqdm": not progress})
+    args = _training_args(SFTConfig, stage, {**_stage_defaults(), "completion_only_loss": True, "disable_tqdm": not progress})
     trainer = SFTTrainer(model=model, args=args, train_dataset=dataset, processing_class=tokenizer)
     result = _train_and_save(trainer, stage)
     result.metrics["train_rows"] = len(dataset)
@@ -235,7 +239,7 @@ def run_train(stage: Stage, pipeline, progress: bool = True) -> StageResult:
         raise PipelineError(f"stages.{stage.name}.data: a list of ranked data (stage names or JSONL paths).")
     model = _resolve(s["init"], pipeline, "model")
     rows = read_ranked_rows([_resolve(d, pipeline, "data") for d in s["data"]])
-    args = _training_args(TunaConfig, stage, {**_cpu_defaults(), "disable_tqdm": not progress})
+    args = _training_args(TunaConfig, stage, {**_stage_defaults(), "disable_tqdm": not progress})
     trainer = TunaRankTrainer(model=model, args=args, train_dataset=Dataset.from_list(rows))
     result = _train_and_save(trainer, stage)
     result.metrics["train_rows"] = len(rows)
@@ -329,6 +333,11 @@ def _run_generation(stage: Stage, pipeline, ranker, backend, progress: bool) -> 
 
     from transformers import set_seed
 
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        raise PipelineError(
+            f"stage {stage.name} generates data and runs in one process; start it with `tuna-trl stage {stage.name}` "
+            "rather than under accelerate/torchrun (a local model uses the first GPU)."
+        )
     s = stage.settings
     instructions = load_instructions(s["data"], pipeline, limit=s.get("limit"))
     set_seed(s.get("seed", 42))  # local models sample with torch's generator: same seed, same rows

@@ -63,11 +63,13 @@ def write_jsonl(path: Path, rows: list[dict]) -> str:
 
 
 def prepare_data(cfg: dict, out: Path) -> dict:
-    """Train / held-out Alpaca rows, and the held-out ranked rows (gold answer, then near misses) for rank accuracy."""
-    from tuna_trl.demo_tasks import corruptions, make_dataset
+    """The training instructions with correct answers (the teacher's data) and with the annotator's answers (the
+    SFT data), the held-out rows, and held-out ranked rows (correct answer, then near misses) for rank accuracy."""
+    from tuna_trl.demo_tasks import annotate, corruptions, make_dataset
 
-    data = cfg["data"]
-    train, heldout = make_dataset(data["num_train"], data["num_heldout"], seed=cfg["seed"], tasks=tuple(data["tasks"]))
+    data, annotator = cfg["data"], cfg["annotator"]
+    gold, heldout = make_dataset(data["num_train"], data["num_heldout"], seed=cfg["seed"], tasks=tuple(data["tasks"]))
+    train = annotate(gold, tuple(annotator["echo_tasks"]), annotator["echo_rate"], seed=cfg["seed"])
     template = data["prompt_template"]
     rng = random.Random(cfg["seed"])
     ranked = [
@@ -75,11 +77,17 @@ def prepare_data(cfg: dict, out: Path) -> dict:
         for row in heldout
     ]
     paths = {
+        "gold": write_jsonl(out / "data" / "train_correct.jsonl", gold),
         "train": write_jsonl(out / "data" / "train.jsonl", train),
         "heldout": write_jsonl(out / "data" / "heldout.jsonl", heldout),
         "heldout_ranked": write_jsonl(out / "data" / "heldout_ranked.jsonl", ranked),
     }
-    logger.info("data: %d train and %d held-out instructions over tasks %s -> %s", len(train), len(heldout), data["tasks"], out / "data")
+    echoed = sum(a["output"] != g["output"] for a, g in zip(train, gold))
+    logger.info(
+        "data: %d training and %d held-out instructions over tasks %s; the SFT data's annotator echoed the input in "
+        "%d answers (%.0f%% of %s) -> %s", len(train), len(heldout), data["tasks"], echoed,
+        100 * annotator["echo_rate"], "/".join(annotator["echo_tasks"]), out / "data",
+    )
     return {"train": train, "heldout": heldout, "ranked": ranked, "paths": paths}
 
 
@@ -112,7 +120,7 @@ def run_pipeline(config: dict, progress: bool) -> dict:
 
 
 def train_teacher(cfg, out, base, data_cfg, progress) -> str:
-    logger.info("teacher: supervised fine-tuning of the larger model on the same tasks (it ranks the probabilistic data)")
+    logger.info("teacher: the larger model fine-tuned on correct answers (it samples and ranks the probabilistic data)")
     run_pipeline(
         {
             "output_dir": str(out / "teacher"),
@@ -137,7 +145,8 @@ def tuna_pipeline_config(cfg, out, base, data_cfg, teacher) -> dict:
 
 
 def train_sft_long(cfg, out, pipeline_config, manifests, data_cfg, progress) -> int:
-    """SFT continued from the SFT model for as many optimizer steps as Tuna_p + Tuna took, at Tuna_p's schedule."""
+    """SFT continued from the SFT model, on the same SFT data, for as many optimizer steps as Tuna_p + Tuna took, at
+    Tuna_p's learning rate: what the extra steps alone are worth."""
     steps = sum(manifests[name]["metrics"]["global_step"] for name in ("tuna_p", "tuna"))
     tuna_p = pipeline_config["stages"]["tuna_p"]["training"]
     training = {k: v for k, v in tuna_p.items() if k in ("learning_rate", "warmup_steps")}
@@ -156,6 +165,28 @@ def train_sft_long(cfg, out, pipeline_config, manifests, data_cfg, progress) -> 
         progress,
     )
     return steps
+
+
+def train_demo_prm(cfg, out, progress) -> dict | None:
+    """A proxy ranking model on the contextual stage's judge-ranked rows (10% held out): how well a scalar model
+    learns the judge's ranking, measured as held-out pairwise agreement."""
+    from tuna_trl.prm import PRMConfig, train_prm
+
+    settings = cfg.get("prm") or {}
+    if not settings.get("enabled", True):
+        return None
+    path = out / "prm"
+    if (path / "prm_metrics.json").exists():
+        return json.loads((path / "prm_metrics.json").read_text())
+    logger.info("PRM: a scalar ranking model trained on the judge's rankings of the contextual data")
+    args = PRMConfig(
+        output_dir=str(path), learning_rate=settings.get("learning_rate", 1e-3),
+        num_train_epochs=settings.get("num_train_epochs", 1), per_device_train_batch_size=32,
+        per_device_eval_batch_size=64, save_strategy="no", logging_steps=1000, seed=cfg["seed"], use_cpu=True,
+        disable_tqdm=not progress,
+    )
+    model = str(out / "pipeline" / "sft" / "model")
+    return train_prm(model, [str(out / "pipeline" / "contextual" / "data.jsonl")], args, eval_fraction=0.1)
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -233,7 +264,7 @@ def plot_results(results: dict, path: Path) -> list[str]:
     return [str(overall), str(by_task)]
 
 
-def report(results: dict, steps: dict, out: Path, wall_seconds: float) -> str:
+def report(results: dict, steps: dict, out: Path, wall_seconds: float, prm: dict | None) -> str:
     from tuna_trl.evaluation import markdown_table, write_report
 
     headers = ["model", "exact match", "ROUGE-L", "rank accuracy", "train steps"]
@@ -252,9 +283,15 @@ def report(results: dict, steps: dict, out: Path, wall_seconds: float) -> str:
         "",
         markdown_table(["model", *tasks], task_rows, digits=1),
         "",
+        *([
+            "",
+            f"PRM: held-out pairwise agreement with the judge {100 * prm['eval_agreement']:.1f} (before training "
+            f"{100 * prm['initial_eval_agreement']:.1f}, chance 50) on {prm['eval_rows']} held-out contextual rows.",
+        ] if prm and "eval_agreement" in prm else []),
+        "",
         f"Wall time: {wall_seconds / 60:.1f} min.",
     ])
-    write_report(out / "results", "results", {"models": results, "train_steps": steps, "wall_seconds": wall_seconds}, markdown)
+    write_report(out / "results", "results", {"models": results, "train_steps": steps, "prm": prm, "wall_seconds": wall_seconds}, markdown)
     return markdown
 
 
@@ -262,17 +299,15 @@ def report(results: dict, steps: dict, out: Path, wall_seconds: float) -> str:
 
 
 def main(argv=None) -> int:
-    import yaml
-
     args = parse_args(argv)
     started = time.monotonic()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S")
     for noisy in ("httpx", "datasets", "transformers.modeling_utils"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
-    from tuna_trl.pipeline import apply_override
+    from tuna_trl.pipeline import apply_override, yaml_load
 
     with open(args.config, encoding="utf-8") as f:
-        cfg = yaml.safe_load(f)
+        cfg = yaml_load(f)
     for override in args.overrides:
         apply_override(cfg, override)
     out = Path(cfg["output_dir"])
@@ -290,7 +325,7 @@ def main(argv=None) -> int:
     data = prepare_data(cfg, out)
     base = build_base_models(cfg, out, data["train"])
     data_cfg = {"path": data["paths"]["train"], "prompt_template": cfg["data"]["prompt_template"]}
-    teacher = train_teacher(cfg, out, base, data_cfg, progress)
+    teacher = train_teacher(cfg, out, base, {**data_cfg, "path": data["paths"]["gold"]}, progress)
     pipeline_config = tuna_pipeline_config(cfg, out, base, data_cfg, teacher)
     logger.info("pipeline: %s", " -> ".join(["sft", "probabilistic", "tuna_p", "contextual", "tuna"]))
     manifests = run_pipeline(pipeline_config, progress)
@@ -300,6 +335,10 @@ def main(argv=None) -> int:
     models = [m for m in MODELS if m[0] != "SFT-long" or cfg.get("sft_long", {}).get("enabled", True)]
     if any(name == "SFT-long" for name, _ in models):
         steps["SFT-long"] = steps["SFT"] + train_sft_long(cfg, out, pipeline_config, manifests, data_cfg, progress)
+
+    prm = train_demo_prm(cfg, out, progress)
+    if prm and "eval_agreement" in prm:
+        logger.info("PRM: held-out pairwise agreement with the judge %.3f (before training %.3f)", prm["eval_agreement"], prm["initial_eval_agreement"])
 
     logger.info("evaluation: greedy answers and rank accuracy on %d held-out instructions", len(data["heldout"]))
     results = {}
@@ -311,7 +350,7 @@ def main(argv=None) -> int:
     wall = time.monotonic() - started
     (out / "results").mkdir(parents=True, exist_ok=True)
     plots = plot_results(results, out / "results")
-    markdown = report(results, steps, out, wall)
+    markdown = report(results, steps, out, wall, prm)
     print("\n" + markdown + "\n")
     print(f"Saved {out / 'results' / 'results.md'}, results.json and {', '.join(os.path.basename(p) for p in plots)}.")
     baseline = max(results["SFT"]["exact_match"], results.get("SFT-long", results["SFT"])["exact_match"])

@@ -30,7 +30,10 @@ def setup(tmp_path_factory):
         "training": training,
         "stages": {
             "probabilistic": {"teacher": {"model": model, "batch_size": 16}, "n": 2, "max_new_tokens": 6},
-            "contextual": {"judge": {"type": "rule", "score": "exact_match_rouge_l"}, "n": 2, "max_new_tokens": 6, "max_error_fraction": 0.5},
+            "contextual": {
+                "judge": {"type": "rule", "score": "exact_match_rouge_l", "answers": "demo_tasks"},
+                "n": 3, "max_new_tokens": 6, "max_error_fraction": 0.5,
+            },
             "tuna": {"training": {"learning_rate": 1e-4, "save_steps": 1}},
         },
     }
@@ -64,7 +67,7 @@ def test_pipeline_end_to_end_and_rerun(setup, caplog):
     for row in rows:
         assert row["prompt"].startswith("### Instruction:\n") and row["prompt"].endswith("### Response:\n")
         assert [gold_match_score(c, row["reference"]) for c in row["completions"]] == row["scores"]
-        assert row["scores"] == sorted(row["scores"], reverse=True)
+        assert row["scores"] == sorted(set(row["scores"]), reverse=True)  # strict: one response per score
     assert manifest(root, "contextual")["inputs"]["tuna_p"] == {"model": "model"}
 
     # a rerun skips every finished stage and leaves them as they were
@@ -168,7 +171,12 @@ def test_variants_wiring(setup):
 
 
 def test_demo_tasks_are_deterministic_and_checkable():
+    from tuna_trl.demo_tasks import annotate, solve
+
     train, heldout = make_dataset(num_train=60, num_heldout=30, seed=3)
+    assert all(solve(r["instruction"], r["input"]) == r["output"] for r in train + heldout)
+    noisy = annotate(train, ("sort", "reverse"), echo_rate=1.0)
+    assert all((n["output"] == n["input"]) == (n["task"] in ("sort", "reverse")) for n in noisy)
     assert (train, heldout) == make_dataset(num_train=60, num_heldout=30, seed=3)
     keys = {(r["instruction"], r["input"]) for r in train}
     assert not keys & {(r["instruction"], r["input"]) for r in heldout}

@@ -86,6 +86,29 @@ _MAKERS: dict[str, Callable[[random.Random], tuple[str, str, str]]] = {
 }
 
 
+def solve(instruction: str, input: str | None) -> str:
+    """The correct answer to a demo instruction, computed from the instruction and its input.
+
+    >>> solve("Reverse the order of the words.", "red cat sun")
+    'sun cat red'
+    """
+    words = (input or "").split()
+    if instruction == "Add the two numbers.":
+        return str(sum(int(w) for w in words))
+    if instruction == "Which number is the largest?":
+        return str(max(int(w) for w in words))
+    if instruction == "Reverse the order of the words.":
+        return " ".join(reversed(words))
+    if instruction == "Sort the words alphabetically.":
+        return " ".join(sorted(words))
+    if instruction == "Write the first letter of each word.":
+        return " ".join(w[0] for w in words)
+    if instruction.startswith("How many times does the letter ") and instruction.endswith(" appear?"):
+        letter = instruction[len("How many times does the letter ")]
+        return str("".join(words).count(letter))
+    raise ValueError(f"Not a demo task instruction: {instruction!r}")
+
+
 def make_dataset(
     num_train: int = 2000, num_heldout: int = 300, seed: int = 0, tasks: tuple[str, ...] = TASKS
 ) -> tuple[list[dict], list[dict]]:
@@ -119,6 +142,18 @@ def gold_match_score(response: str, reference: str | None) -> float:
     if reference is None:
         raise ValueError("The rule judge needs the gold answer: rows must carry a `reference` (Alpaca `output`).")
     return exact_match(response, [reference]) + rouge_l(reference, response)
+
+
+def annotate(rows: list[dict], echo_tasks: tuple[str, ...] = (), echo_rate: float = 0.0, seed: int = 0) -> list[dict]:
+    """The rows as a careless annotator would have written them: for the tasks in `echo_tasks`, a share
+    `echo_rate` of the answers just repeat the input instead of doing what the instruction says, a typical failure
+    of weak instruction followers. Other answers are correct (`solve` gives the correct answer of any row)."""
+    rng = random.Random(seed)
+    out = []
+    for row in rows:
+        echo = row["task"] in echo_tasks and rng.random() < echo_rate
+        out.append({**row, "output": row["input"] if echo else row["output"]})
+    return out
 
 
 def corruptions(row: dict, rng: random.Random) -> list[str]:

@@ -97,13 +97,32 @@ class PipelineError(ValueError):
 # Config
 
 
+def yaml_load(stream):
+    """`yaml.safe_load`, except that `1e-5` is a float (YAML 1.1, and so PyYAML, wants `1.0e-5`): learning rates
+    are written both ways."""
+    import re
+
+    import yaml
+
+    class Loader(yaml.SafeLoader):
+        pass
+
+    Loader.add_implicit_resolver(
+        "tag:yaml.org,2002:float",
+        re.compile(r"^[-+]?(?:[0-9][0-9_]*\.[0-9_]*(?:[eE][-+]?[0-9]+)?|[0-9][0-9_]*[eE][-+]?[0-9]+|\.[0-9_]+(?:[eE][-+]?[0-9]+)?"
+                   r"|\.(?:inf|Inf|INF)|\.(?:nan|NaN|NAN))$"),
+        list("-+0123456789."),
+    )
+    return yaml.load(stream, Loader=Loader)
+
+
 def load_config(path: str | os.PathLike, overrides: list[str] | None = None) -> dict:
     """Read a pipeline YAML file and apply `--set key.sub=value` overrides (values are parsed as YAML)."""
     import yaml
 
     try:
         with open(path, encoding="utf-8") as f:
-            config = yaml.safe_load(f) or {}
+            config = yaml_load(f) or {}
     except FileNotFoundError:
         raise PipelineError(f"Pipeline config {path} does not exist.") from None
     except yaml.YAMLError as err:
@@ -117,8 +136,6 @@ def load_config(path: str | os.PathLike, overrides: list[str] | None = None) -> 
 
 def apply_override(config: dict, override: str) -> None:
     """Set `a.b.c=value` in `config` in place; `value` is parsed as YAML (`1e-6` is a float, `[a, b]` a list)."""
-    import yaml
-
     key, sep, value = override.partition("=")
     if not sep or not key:
         raise PipelineError(f"--set {override!r}: expected KEY=VALUE, e.g. stages.tuna.training.learning_rate=1e-6")
@@ -128,7 +145,7 @@ def apply_override(config: dict, override: str) -> None:
         node = node.setdefault(part, {})
         if not isinstance(node, dict):
             raise PipelineError(f"--set {override!r}: {part!r} is not a mapping in the config.")
-    node[parts[-1]] = yaml.safe_load(value)
+    node[parts[-1]] = yaml_load(value)
 
 
 def _deep_merge(base: dict, update: dict) -> dict:

@@ -293,9 +293,45 @@ def _rule_scores():
     }
 
 
+class SolvingJudge:
+    """A rule judge that scores responses against an answer it works out itself from the instruction and input, as
+    the LLM judge writes its own reference answer, rather than against the row's reference."""
+
+    def __init__(self, judge, solve, name: str):
+        self.judge, self.solve, self.name = judge, solve, name
+
+    def __call__(self, instruction: str, responses: list[str], input: str | None = None, reference: str | None = None):
+        return self.judge(instruction, responses, input=input, reference=self.solve(instruction, input))
+
+
+class OneResponsePerScore:
+    """Keep, of the responses a judge scored equally, only the best-ranked one.
+
+    The ranking loss orders every pair of completions by position, so responses a rule scores the same (every
+    wrong number scores 0 under exact match + ROUGE-L) would be ordered at random; an LLM judge is likewise told to
+    leave duplicates out. Rows keep a strict ranking.
+    """
+
+    def __init__(self, judge):
+        self.judge, self.name = judge, judge.name
+
+    def __call__(self, instruction: str, responses: list[str], input: str | None = None, reference: str | None = None):
+        verdict = self.judge(instruction, responses, input=input, reference=reference)
+        seen, ranking = set(), []
+        for index in verdict.ranking:
+            score = verdict.scores.get(index)
+            if score is not None and score in seen:
+                continue
+            seen.add(score)
+            ranking.append(index)
+        verdict.ranking = ranking
+        return verdict
+
+
 def make_judge(spec: dict, pipeline, where: str):
-    """A judge from `{type: llm, model, base_url, ...}`, `{type: rule, score: exact_match_rouge_l | rouge_l}` or
-    `{type: prm, path}` (a proxy ranking model from `tuna-trl prm train`)."""
+    """A judge from `{type: llm, model, base_url, ...}`, `{type: rule, score: exact_match_rouge_l | rouge_l,
+    answers: reference | demo_tasks, ties: first | keep}` or `{type: prm, path}` (a proxy ranking model from
+    `tuna-trl prm train`)."""
     if not isinstance(spec, dict):
         raise PipelineError(f"{where}: expected a mapping with `type` (llm, rule or prm), got {spec!r}.")
     spec = dict(spec)
@@ -307,7 +343,18 @@ def make_judge(spec: dict, pipeline, where: str):
         name = spec.get("score", "exact_match_rouge_l")
         if name not in scores:
             raise PipelineError(f"{where}.score: unknown rule {name!r}; choose one of {sorted(scores)}.")
-        return ScoreJudge(scores[name], name=name)
+        judge = ScoreJudge(scores[name], name=name)
+        answers = spec.get("answers", "reference")
+        if answers == "demo_tasks":  # the demo's tasks can be solved exactly: the judge knows better than the data
+            from .demo_tasks import solve
+
+            judge = SolvingJudge(judge, solve, name=f"{name} vs demo_tasks.solve")
+        elif answers != "reference":
+            raise PipelineError(f"{where}.answers: {answers!r}; choose 'reference' (the rows' output) or 'demo_tasks'.")
+        ties = spec.get("ties", "first")
+        if ties not in ("first", "keep"):
+            raise PipelineError(f"{where}.ties: {ties!r}; choose 'first' (one response per score) or 'keep'.")
+        return OneResponsePerScore(judge) if ties == "first" else judge
     if kind == "prm":
         from .prm import PRMJudge
 

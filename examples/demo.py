@@ -2,18 +2,23 @@
 
     HF_HUB_OFFLINE=1 python examples/demo.py [--config examples/configs/demo_pipeline.yaml] [--fresh]
 
-1. Data: a seeded synthetic instruction set whose answers can be checked (arithmetic, max, reversing / sorting words,
-   first letters, counting letters), split into train and held-out (`tuna_trl.demo_tasks`).
+1. Data: a seeded synthetic instruction set whose answers can be checked (adding and comparing numbers, reversing
+   and sorting words, first letters, counting letters), split into train and held-out (`tuna_trl.demo_tasks`).
+   As Alpaca's answers came from a weaker model, the SFT data's answers come from a careless annotator: right,
+   except that for some tasks it often repeats the input instead of answering.
 2. Models: a byte-level BPE tokenizer trained on that text, a small random Llama (the student) and a larger one
-   (the teacher), built locally (`tuna_trl.tiny`). The teacher is fine-tuned on the same tasks.
+   (the teacher), built locally (`tuna_trl.tiny`). The teacher is fine-tuned on correct answers.
 3. The pipeline (`tuna_trl.pipeline`): SFT -> probabilistic ranking of the teacher's samples -> Tuna_p ->
-   contextual ranking of Tuna_p's own samples by a rule judge (exact match + ROUGE-L vs the gold answer) -> Tuna.
-4. A fair baseline: SFT continued for as many optimizer steps as Tuna_p and Tuna took together.
-5. Held-out metrics of every model: exact match and ROUGE-L of greedy answers, and rank accuracy (does the model
-   give the gold answer a higher mean log-prob than near misses?). A table and two plots go to
-   `<output_dir>/results/`.
+   contextual ranking of Tuna_p's own samples by a rule judge that works out the correct answer (exact match +
+   ROUGE-L against it, the interface of the LLM judge) -> Tuna.
+4. A fair baseline: SFT continued on the same data for as many optimizer steps as Tuna_p and Tuna took together.
+5. A proxy ranking model trained on the judge's rankings, and its held-out agreement with the judge.
+6. Held-out metrics of every model against the correct answers: exact match and ROUGE-L of greedy answers, and
+   rank accuracy (does the model give the correct answer a higher mean log-prob than near misses?). A table and
+   two plots go to `<output_dir>/results/`.
 
-Every stage is cached in `<output_dir>`: a rerun skips what is done. `--fresh` starts over.
+Every stage is cached in `<output_dir>`: a rerun skips what is done and redoes what the config changed. `--fresh`
+starts over.
 """
 
 from __future__ import annotations
@@ -176,8 +181,10 @@ def train_demo_prm(cfg, out, progress) -> dict | None:
     if not settings.get("enabled", True):
         return None
     path = out / "prm"
-    if (path / "prm_metrics.json").exists():
-        return json.loads((path / "prm_metrics.json").read_text())
+    contextual = json.loads((out / "pipeline" / "contextual" / "manifest.json").read_text())["run_id"]
+    done = path / "prm_metrics.json"
+    if done.exists() and (path / "contextual_run_id").exists() and (path / "contextual_run_id").read_text() == contextual:
+        return json.loads(done.read_text())
     logger.info("PRM: a scalar ranking model trained on the judge's rankings of the contextual data")
     args = PRMConfig(
         output_dir=str(path), learning_rate=settings.get("learning_rate", 1e-3),
@@ -186,7 +193,9 @@ def train_demo_prm(cfg, out, progress) -> dict | None:
         disable_tqdm=not progress,
     )
     model = str(out / "pipeline" / "sft" / "model")
-    return train_prm(model, [str(out / "pipeline" / "contextual" / "data.jsonl")], args, eval_fraction=0.1)
+    metrics = train_prm(model, [str(out / "pipeline" / "contextual" / "data.jsonl")], args, eval_fraction=0.1)
+    (path / "contextual_run_id").write_text(contextual)
+    return metrics
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -241,7 +250,7 @@ def plot_results(results: dict, path: Path) -> list[str]:
     ax.set_ylabel("held-out score (x100)")
     ax.set_ylim(0, 105)
     ax.set_title("Tuna demo: held-out metrics")
-    ax.legend(fontsize="small", ncol=len(names))
+    ax.legend(fontsize="small", ncol=len(names), loc="upper center", bbox_to_anchor=(0.5, -0.08))
     fig.tight_layout()
     overall = path / "metrics.png"
     fig.savefig(overall)
@@ -256,7 +265,7 @@ def plot_results(results: dict, path: Path) -> list[str]:
     ax.set_ylabel("held-out exact match (x100)")
     ax.set_ylim(0, 105)
     ax.set_title("Exact match by task")
-    ax.legend(fontsize="small", ncol=len(names))
+    ax.legend(fontsize="small", ncol=len(names), loc="upper center", bbox_to_anchor=(0.5, -0.08))
     fig.tight_layout()
     by_task = path / "exact_match_by_task.png"
     fig.savefig(by_task)

@@ -144,14 +144,28 @@ def test_config_errors(setup):
     config = load_config(config_path)
     with pytest.raises(PipelineError, match="Unknown variant"):
         resolve_stages({**config, "variant": "nope"})
-    with pytest.raises(PipelineError, match="does not run"):
-        resolve_stages({**config, "variant": "tuna_c"})  # stages.probabilistic is configured
+    with pytest.raises(PipelineError, match="unknown stage"):
+        resolve_stages({**config, "stages": {"tuna_pp": {}}})
+    # settings of stages another variant runs are kept for it, not an error
+    assert [s.name for s in resolve_stages({**config, "variant": "tuna_c"})] == ["sft", "contextual", "tuna_c"]
     with pytest.raises(PipelineError, match="Unknown key"):
         resolve_stages({**config, "stages": {"tuna_p": {"learning_rate": 1}}})
     with pytest.raises(PipelineError, match="output_dir"):
         resolve_stages({k: v for k, v in config.items() if k != "output_dir"})
     with pytest.raises(PipelineError, match="have not finished"):
         Pipeline({**config, "output_dir": str(root / "empty")}).run(only=["tuna"], progress=False)
+
+
+def test_config_values_and_overrides(tmp_path):
+    from tuna_trl.pipeline import apply_override, yaml_load
+
+    config = yaml_load("training: {learning_rate: 1e-5, warmup_ratio: 3.0e-2, max_steps: 10}\nname: 1e")
+    assert config == {"training": {"learning_rate": 1e-5, "warmup_ratio": 0.03, "max_steps": 10}, "name": "1e"}
+    apply_override(config, "stages.tuna.training.learning_rate=1e-6")
+    apply_override(config, "data.limit=5")
+    assert config["stages"]["tuna"]["training"]["learning_rate"] == 1e-6 and config["data"]["limit"] == 5
+    with pytest.raises(PipelineError, match="KEY=VALUE"):
+        apply_override(config, "novalue")
 
 
 def test_variants_wiring(setup):
@@ -168,6 +182,10 @@ def test_variants_wiring(setup):
     assert wiring["mix"]["tuna_mix"] == ["sft", "probabilistic", "contextual"]
     tuna = resolve_stages({**config, "variant": "tuna"})[-1]
     assert tuna.settings["training"]["learning_rate"] == 1e-6  # the paper's second-stage LR by default
+    config["stages"] = {"contextual": {"policy": {"batch_size": 8}}}
+    for variant, policy in (("tuna", "tuna_p"), ("tuna_c", "sft"), ("mix", "sft")):
+        contextual = [s for s in resolve_stages({**config, "variant": variant}) if s.name == "contextual"][0]
+        assert contextual.settings["policy"] == {"model": policy, "batch_size": 8} and policy in contextual.needs
 
 
 def test_demo_tasks_are_deterministic_and_checkable():

@@ -190,11 +190,12 @@ def resolve_stages(config: dict) -> list[Stage]:
         raise PipelineError(f"Unknown `data` key(s) {sorted(set(data) - _DATA_KEYS)}; expected {sorted(_DATA_KEYS)}.")
     names = VARIANTS[variant]
     stage_configs = config.get("stages") or {}
-    extra = set(stage_configs) - set(names)
-    if extra:
-        raise PipelineError(
-            f"`stages` configures {sorted(extra)}, which variant {variant!r} does not run; its stages are {names}."
-        )
+    unknown = set(stage_configs) - set(_STAGE_DEFAULTS)
+    if unknown:
+        raise PipelineError(f"`stages` configures unknown stage(s) {sorted(unknown)}; stages are {list(_STAGE_DEFAULTS)}.")
+    unused = sorted(set(stage_configs) - set(names))
+    if unused:  # one config serves every variant: switching `variant` must not need other edits
+        logger.info("variant %s does not run %s; their settings are not used", variant, ", ".join(unused))
     output_dir = Path(config["output_dir"])
     stages = []
     for name in names:
@@ -211,6 +212,8 @@ def resolve_stages(config: dict) -> list[Stage]:
         if bad:
             raise PipelineError(f"Unknown key(s) {sorted(bad)} in stages.{name}; a {kind} stage takes {sorted(_STAGE_KEYS[kind])}.")
         settings = _deep_merge(defaults, own)
+        if kind == "contextual" and isinstance(settings.get("policy"), dict) and not settings["policy"].get("model"):
+            settings["policy"]["model"] = _CONTEXTUAL_POLICY[variant]  # e.g. {batch_size: 64}: the variant's model
         if kind == "sft":
             settings.setdefault("model", config.get("model"))
             if not settings["model"]:

@@ -231,46 +231,39 @@ def evaluate_model(path: str, heldout: list[dict], ranked: list[dict], cfg: dict
     }
 
 
-def plot_results(results: dict, path: Path) -> list[str]:
+def grouped_bars(values: dict[str, list[float]], groups: list[str], ylabel: str, title: str, path: Path) -> str:
+    """A PNG of one bar per model in each group; `values[model][i]` is the model's value in group i."""
     import matplotlib
 
-    matplotlib.use("Agg")
+    matplotlib.use("Agg")  # no display needed
     import matplotlib.pyplot as plt
 
-    names = list(results)
-    metrics = [("exact_match", "exact match"), ("rougeL", "ROUGE-L"), ("rank_accuracy", "rank accuracy")]
     colors = ["tab:gray", "tab:olive", "tab:blue", "tab:red", "tab:green"]
-    fig, ax = plt.subplots(figsize=(8, 4.5), dpi=110)
-    width = 0.8 / len(names)
-    for k, name in enumerate(names):
-        values = [results[name][m] for m, _ in metrics]
-        bars = ax.bar([i + k * width for i in range(len(metrics))], values, width, label=name, color=colors[k % len(colors)])
+    width = 0.8 / len(values)
+    fig, ax = plt.subplots(figsize=(1.5 * len(groups) + 3.5, 4.5), dpi=110)
+    for k, (name, ys) in enumerate(values.items()):
+        bars = ax.bar([i + k * width for i in range(len(groups))], ys, width, label=name, color=colors[k % len(colors)])
         ax.bar_label(bars, fmt="%.0f", fontsize=7)
-    ax.set_xticks([i + width * (len(names) - 1) / 2 for i in range(len(metrics))], [label for _, label in metrics])
-    ax.set_ylabel("held-out score (x100)")
+    ax.set_xticks([i + width * (len(values) - 1) / 2 for i in range(len(groups))], groups)
+    ax.set_ylabel(ylabel)
     ax.set_ylim(0, 105)
-    ax.set_title("Tuna demo: held-out metrics")
-    ax.legend(fontsize="small", ncol=len(names), loc="upper center", bbox_to_anchor=(0.5, -0.08))
+    ax.set_title(title)
+    ax.legend(fontsize="small", ncol=len(values), loc="upper center", bbox_to_anchor=(0.5, -0.08))
     fig.tight_layout()
-    overall = path / "metrics.png"
-    fig.savefig(overall)
+    fig.savefig(path)
     plt.close(fig)
+    return str(path)
 
+
+def plot_results(results: dict, path: Path) -> list[str]:
+    metrics = {"exact_match": "exact match", "rougeL": "ROUGE-L", "rank_accuracy": "rank accuracy"}
     tasks = sorted(next(iter(results.values()))["tasks"])
-    fig, ax = plt.subplots(figsize=(9, 4.5), dpi=110)
-    for k, name in enumerate(names):
-        ax.bar([i + k * width for i in range(len(tasks))], [results[name]["tasks"][t]["exact_match"] for t in tasks], width,
-               label=name, color=colors[k % len(colors)])
-    ax.set_xticks([i + width * (len(names) - 1) / 2 for i in range(len(tasks))], tasks)
-    ax.set_ylabel("held-out exact match (x100)")
-    ax.set_ylim(0, 105)
-    ax.set_title("Exact match by task")
-    ax.legend(fontsize="small", ncol=len(names), loc="upper center", bbox_to_anchor=(0.5, -0.08))
-    fig.tight_layout()
-    by_task = path / "exact_match_by_task.png"
-    fig.savefig(by_task)
-    plt.close(fig)
-    return [str(overall), str(by_task)]
+    return [
+        grouped_bars({name: [r[m] for m in metrics] for name, r in results.items()}, list(metrics.values()),
+                     "held-out score (x100)", "Tuna demo: held-out metrics", path / "metrics.png"),
+        grouped_bars({name: [r["tasks"][t]["exact_match"] for t in tasks] for name, r in results.items()}, tasks,
+                     "held-out exact match (x100)", "Exact match by task", path / "exact_match_by_task.png"),
+    ]
 
 
 def report(results: dict, steps: dict, out: Path, wall_seconds: float, prm: dict | None) -> str:

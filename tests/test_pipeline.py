@@ -4,10 +4,21 @@ import json
 import logging
 
 import pytest
+import torch
 import yaml
 
 from tuna_trl.demo_tasks import DEMO_PROMPT_TEMPLATE, corruptions, gold_match_score, make_dataset
 from tuna_trl.pipeline import Pipeline, PipelineError, load_config, resolve_stages
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """Tiny models run fastest on one thread, and on a shared machine two threads waiting on each other can be
+    many times slower than one."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="module")

@@ -37,6 +37,14 @@ def write_jsonl(path, rows):
     return str(path)
 
 
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():  # as in test_pipeline.py: one thread is much faster for tiny models on a busy machine
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture(scope="module")
 def tiny_lm(tmp_path_factory):
     from tuna_trl.tiny import save_tiny

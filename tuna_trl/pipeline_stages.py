@@ -8,7 +8,6 @@ write `<stage>/data.jsonl` (ranked rows) and resume from the rows already there.
 from __future__ import annotations
 
 import dataclasses
-import json
 import logging
 import os
 import shutil
@@ -130,18 +129,16 @@ def _export_dataset(data: dict, pipeline) -> str:
 
 
 def read_ranked_rows(paths: list[str]) -> list[dict]:
-    """The `prompt`, `completions` and `reference` of every row of the ranked JSONL files, concatenated."""
+    """The `prompt`, `completions` and `reference` of every row of the ranked JSON/JSONL files, concatenated."""
+    from .evaluation.inputs import InputError, read_rows
+
     rows = []
     for path in paths:
-        with open(path, encoding="utf-8") as f:
-            for number, line in enumerate(f, start=1):
-                if not line.strip():
-                    continue
-                try:
-                    row = json.loads(line)
-                except json.JSONDecodeError as err:
-                    raise PipelineError(f"{path}:{number}: not valid JSON ({err.msg}).") from None
-                rows.append({"prompt": row.get("prompt"), "completions": row.get("completions"), "reference": row.get("reference")})
+        try:
+            records = read_rows(path, ("prompt", "completions"))
+        except InputError as err:
+            raise PipelineError(str(err)) from None
+        rows += [{"prompt": r["prompt"], "completions": r["completions"], "reference": r.get("reference")} for _, r in records]
     if not rows:
         raise PipelineError(f"No ranked rows in {paths}.")
     return rows

@@ -359,18 +359,9 @@ def rerank_file(scorer: PRMScorer, input_path: str, output_path: str, progress: 
     from .generation.jsonl import ResumableJsonl, id_key
 
     rows = []
-    with open(input_path, encoding="utf-8") as f:
-        for number, line in enumerate(f, start=1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as err:
-                raise ValueError(f"{input_path}:{number}: not valid JSON ({err.msg}).") from None
-            if not isinstance(row.get("prompt"), str) or not isinstance(row.get("completions"), list) or not row["completions"]:
-                raise ValueError(f"{input_path}:{number}: a row needs a string 'prompt' and a non-empty list 'completions'.")
-            row.setdefault("id", number)
-            rows.append(row)
+    for number, row in _read_ranked(input_path):
+        row.setdefault("id", number)
+        rows.append(row)
     out = ResumableJsonl(output_path)
     written = 0
     try:
@@ -391,24 +382,29 @@ def rerank_file(scorer: PRMScorer, input_path: str, output_path: str, progress: 
 # Training entry point and command line
 
 
+def _read_ranked(path: str) -> list[tuple[int, dict]]:
+    """(line, row) of each ranked row of a JSON/JSONL file; a ValueError names the file and line of a bad one."""
+    from .evaluation.inputs import read_rows
+
+    rows = read_rows(path, ("prompt", "completions"))
+    for line, row in rows:
+        if not isinstance(row["prompt"], str) or not isinstance(row["completions"], list) or not row["completions"]:
+            raise ValueError(f"{path}:{line}: a row needs a string 'prompt' and a non-empty list 'completions'.")
+    return rows
+
+
 def _load_rows(paths: list[str]):
     from datasets import Dataset
 
     rows = []
     for path in paths:
-        with open(path, encoding="utf-8") as f:
-            for number, line in enumerate(f, start=1):
-                if line.strip():
-                    try:
-                        row = json.loads(line)
-                    except json.JSONDecodeError as err:
-                        raise ValueError(f"{path}:{number}: not valid JSON ({err.msg}).") from None
-                    scores = row.get("scores")
-                    rows.append({
-                        "prompt": row.get("prompt"),
-                        "completions": row.get("completions"),
-                        "scores": [float(s) if isinstance(s, (int, float)) else None for s in scores] if isinstance(scores, list) else None,
-                    })
+        for _, row in _read_ranked(path):
+            scores = row.get("scores") if isinstance(row.get("scores"), list) else None
+            rows.append({
+                "prompt": row["prompt"],
+                "completions": row["completions"],
+                "scores": [float(s) if isinstance(s, (int, float)) else None for s in scores] if scores else None,
+            })
     if not rows:
         raise ValueError(f"No rows in {paths}.")
     return Dataset.from_list(rows)
@@ -492,7 +488,7 @@ def add_parser(subparsers) -> None:
 
 
 def _train_command(args) -> int:
-    import yaml
+    from .pipeline import yaml_load
 
     extra = {}
     for item in args.training:
@@ -500,7 +496,7 @@ def _train_command(args) -> int:
         if not sep:
             print(f"error: --training {item!r}: expected FIELD=VALUE", file=sys.stderr)
             return 2
-        extra[key] = yaml.safe_load(value)
+        extra[key] = yaml_load(value)
     from .prm import PRMConfig
 
     try:

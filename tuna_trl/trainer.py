@@ -197,22 +197,24 @@ class TunaRankTrainer(Trainer):
 
         mle_mask = inputs["seq_mle"]
         nll_sum = -sums[mle_mask].sum()
+        local_tokens = counts[mle_mask].sum().clamp(min=1)
+        v_detached = v.detach()
         if num_items_in_batch is None:  # evaluation, or a caller outside the training loop: this batch alone
             rank_loss = ranking_loss(v, num_completions, args.margin, args.rank_loss_reduction)
-            mle_loss = nll_sum / counts[mle_mask].sum().clamp(min=1)
+            mle_loss = nll_sum / local_tokens
             scale = 1.0
+            local_rank, local_mle = rank_loss.detach(), mle_loss.detach()
         else:
             norm = num_items_in_batch
             rank_loss = ranking_loss(v, num_completions, args.margin, args.rank_loss_reduction, norm["rank"])
             mle_loss = nll_sum / norm["mle"].clamp(min=1)
             # gradients are averaged over processes, while the denominators above already count all of them
             scale = float(self.accelerator.num_processes)
+            with torch.no_grad():  # logged values: this micro-batch's own means, whatever the normalisation
+                local_rank = ranking_loss(v_detached, num_completions, args.margin, args.rank_loss_reduction)
+                local_mle = nll_sum.detach() / local_tokens
         loss = (rank_loss + args.mle_weight * mle_loss) * scale
 
-        with torch.no_grad():  # logged values: this micro-batch's own means, whatever the normalisation
-            v_detached = v.detach()
-            local_rank = ranking_loss(v_detached, num_completions, args.margin, args.rank_loss_reduction)
-            local_mle = nll_sum.detach() / counts[mle_mask].sum().clamp(min=1)
         self._record_metrics(v_detached, num_completions, local_rank, local_mle)
         if return_outputs:
             return loss, {"logps": v_detached}
